@@ -1,0 +1,237 @@
+"""The one place where ASE Atoms, typed systems and protobuf messages are converted into each other.
+
+Both the client and the server use it, so that what the client sends is exactly what the server reads.
+Parsing a message validates it: shape errors and non-physical values raise InvalidSystemError naming
+the field (``systems[2].positions[5]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from mlipserve_client.errors import InvalidSystemError
+from mlipserve_client.types import (
+    DEFAULT_PROPERTIES,
+    ComputeRequest,
+    ModelInfo,
+    ModelStatus,
+    Property,
+    Result,
+    System,
+)
+from mlipserve_client.v1 import compute_pb2, models_pb2, system_pb2
+from mlipserve_client.validation import validate_system
+
+_PROPERTY_TO_PROTO = {
+    Property.ENERGY: compute_pb2.PROPERTY_ENERGY,
+    Property.FORCES: compute_pb2.PROPERTY_FORCES,
+    Property.STRESS: compute_pb2.PROPERTY_STRESS,
+    Property.ENERGIES: compute_pb2.PROPERTY_ENERGIES,
+}
+_PROPERTY_FROM_PROTO = {v: k for k, v in _PROPERTY_TO_PROTO.items()}
+_STATUS_TO_PROTO = {
+    ModelStatus.AVAILABLE: models_pb2.MODEL_STATUS_AVAILABLE,
+    ModelStatus.LOADING: models_pb2.MODEL_STATUS_LOADING,
+    ModelStatus.UNAVAILABLE: models_pb2.MODEL_STATUS_UNAVAILABLE,
+}
+_STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+# --- ASE Atoms <-> System ------------------------------------------------------------------------
+
+
+def system_from_atoms(atoms: Atoms) -> System:
+    """A System from ASE Atoms. A cell of rank < 3 on a non-periodic system means "no cell".
+
+    ``atoms.info["charge"]`` and ``atoms.info["spin"]`` (multiplicity) carry the total charge and
+    spin, as in fairchem's convention.
+    """
+    pbc = np.array(atoms.pbc, dtype=bool)
+    cell = None
+    if atoms.cell.rank == 3 or pbc.any():
+        cell = _readonly(np.array(atoms.cell.array, dtype=np.float64))
+    return System(
+        numbers=_readonly(np.array(atoms.numbers, dtype=np.int64)),
+        positions=_readonly(np.array(atoms.positions, dtype=np.float64)),
+        cell=cell,
+        pbc=_readonly(pbc),
+        total_charge=float(atoms.info.get("charge", 0.0)),
+        spin_multiplicity=int(atoms.info.get("spin", 0)),
+    )
+
+
+def atoms_from_system(system: System) -> Atoms:
+    atoms = Atoms(
+        numbers=system.numbers,
+        positions=system.positions,
+        cell=system.cell if system.cell is not None else np.zeros((3, 3)),
+        pbc=system.pbc,
+    )
+    if system.total_charge:
+        atoms.info["charge"] = system.total_charge
+    if system.spin_multiplicity:
+        atoms.info["spin"] = system.spin_multiplicity
+    return atoms
+
+
+# --- System <-> proto ----------------------------------------------------------------------------
+
+
+def system_to_proto(system: System) -> system_pb2.System:
+    return system_pb2.System(
+        atomic_numbers=system.numbers.tolist(),
+        positions=system.positions.ravel().tolist(),
+        cell=[] if system.cell is None else system.cell.ravel().tolist(),
+        pbc=system.pbc.tolist(),
+        total_charge=system.total_charge,
+        spin_multiplicity=system.spin_multiplicity,
+    )
+
+
+def system_from_proto(message: system_pb2.System, where: str = "system") -> System:
+    """Parse and validate one System message; ``where`` prefixes field names in errors."""
+    numbers = np.asarray(message.atomic_numbers, dtype=np.int64)
+    n = len(numbers)
+    if n == 0:
+        raise InvalidSystemError(f"{where}.atomic_numbers", "the system has no atoms")
+    positions = np.asarray(message.positions, dtype=np.float64)
+    if positions.size != 3 * n:
+        raise InvalidSystemError(
+            f"{where}.positions",
+            f"has {positions.size} values, but {n} atoms need 3 x {n} = {3 * n} (x, y, z per atom)",
+        )
+    cell = np.asarray(message.cell, dtype=np.float64)
+    if cell.size not in (0, 9):
+        raise InvalidSystemError(f"{where}.cell", f"has {cell.size} values; give 9 (a 3x3 matrix) or none")
+    pbc = np.asarray(message.pbc, dtype=bool)
+    if pbc.size not in (0, 3):
+        raise InvalidSystemError(f"{where}.pbc", f"has {pbc.size} values; give 3 (one per cell vector) or none")
+    system = System(
+        numbers=_readonly(numbers),
+        positions=_readonly(positions.reshape(n, 3)),
+        cell=_readonly(cell.reshape(3, 3)) if cell.size else None,
+        pbc=_readonly(pbc if pbc.size else np.zeros(3, dtype=bool)),
+        total_charge=float(message.total_charge),
+        spin_multiplicity=int(message.spin_multiplicity),
+    )
+    validate_system(system, where)
+    return system
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+def properties_to_proto(properties: Iterable[Property | str]) -> list[int]:
+    wanted = {Property(p) for p in properties}
+    return [_PROPERTY_TO_PROTO[p] for p in Property if p in wanted]
+
+
+def properties_from_proto(values: Sequence[int]) -> frozenset[Property]:
+    if not values:
+        return DEFAULT_PROPERTIES
+    out = set()
+    for i, value in enumerate(values):
+        if value not in _PROPERTY_FROM_PROTO:
+            known = ", ".join(compute_pb2.Property.Name(v) for v in _PROPERTY_FROM_PROTO)
+            raise InvalidSystemError(f"properties[{i}]", f"unknown property {value}; known: {known}")
+        out.add(_PROPERTY_FROM_PROTO[value])
+    return frozenset(out)
+
+
+def compute_request_to_proto(request: ComputeRequest) -> compute_pb2.ComputeRequest:
+    return compute_pb2.ComputeRequest(
+        model=request.model,
+        systems=[system_to_proto(s) for s in request.systems],
+        properties=properties_to_proto(request.properties),
+    )
+
+
+def compute_request_from_proto(message: compute_pb2.ComputeRequest) -> ComputeRequest:
+    if not message.model:
+        raise InvalidSystemError("model", "no model id given; ListModels shows the available ones")
+    if not message.systems:
+        raise InvalidSystemError("systems", "the request has no systems")
+    return ComputeRequest(
+        model=message.model,
+        systems=tuple(system_from_proto(s, f"systems[{i}]") for i, s in enumerate(message.systems)),
+        properties=properties_from_proto(message.properties),
+    )
+
+
+# --- results -------------------------------------------------------------------------------------
+
+
+def result_to_proto(result: Result) -> compute_pb2.SystemResult:
+    message = compute_pb2.SystemResult()
+    if result.energy is not None:
+        message.energy = float(result.energy)
+    for name in ("forces", "stress", "energies"):
+        value = getattr(result, name)
+        if value is not None:
+            getattr(message, name).extend(np.asarray(value, dtype=np.float64).ravel().tolist())
+    return message
+
+
+def result_from_proto(message: compute_pb2.SystemResult, n_atoms: int) -> Result:
+    def array(values, shape):
+        return np.asarray(values, dtype=np.float64).reshape(shape) if len(values) else None
+
+    return Result(
+        energy=message.energy if message.HasField("energy") else None,
+        forces=array(message.forces, (n_atoms, 3)),
+        stress=array(message.stress, (6,)),
+        energies=array(message.energies, (n_atoms,)),
+    )
+
+
+# --- model metadata ------------------------------------------------------------------------------
+
+
+def model_info_to_proto(info: ModelInfo) -> models_pb2.ModelInfo:
+    return models_pb2.ModelInfo(
+        id=info.id,
+        architecture=info.architecture,
+        version=info.version,
+        cutoff=info.cutoff,
+        elements=list(info.elements),
+        dtype=info.dtype,
+        device=info.device,
+        num_parameters=info.num_parameters,
+        training_data=info.training_data,
+        license=info.license,
+        trained=info.trained,
+        properties=properties_to_proto(info.properties),
+        uses_total_charge=info.uses_total_charge,
+        uses_spin=info.uses_spin,
+        status=_STATUS_TO_PROTO[info.status],
+        status_message=info.status_message,
+    )
+
+
+def model_info_from_proto(message: models_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        id=message.id,
+        architecture=message.architecture,
+        version=message.version,
+        cutoff=message.cutoff,
+        elements=tuple(message.elements),
+        dtype=message.dtype,
+        device=message.device,
+        num_parameters=message.num_parameters,
+        training_data=message.training_data,
+        license=message.license,
+        trained=message.trained,
+        properties=frozenset(_PROPERTY_FROM_PROTO[p] for p in message.properties if p in _PROPERTY_FROM_PROTO),
+        uses_total_charge=message.uses_total_charge,
+        uses_spin=message.uses_spin,
+        status=_STATUS_FROM_PROTO.get(message.status, ModelStatus.UNAVAILABLE),
+        status_message=message.status_message,
+    )

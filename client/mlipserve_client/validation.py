@@ -1,0 +1,58 @@
+"""Checks that a system is physically meaningful, with messages that name the field and atom."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlipserve_client.errors import InvalidSystemError
+from mlipserve_client.types import System
+
+MAX_ATOMIC_NUMBER = 118
+# A periodic cell thinner than this (Å³) is numerically singular for every model we serve.
+MIN_CELL_VOLUME = 1e-6
+_AXES = "abc"
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def validate_system(system: System, where: str) -> None:
+    """Raise InvalidSystemError for the first problem found in ``system`` (``where`` prefixes fields)."""
+    numbers, positions, cell, pbc = system.numbers, system.positions, system.cell, system.pbc
+    if system.n_atoms == 0:
+        raise InvalidSystemError(f"{where}.atomic_numbers", "the system has no atoms")
+    bad = (numbers < 1) | (numbers > MAX_ATOMIC_NUMBER)
+    if bad.any():
+        i = _first(bad)
+        raise InvalidSystemError(
+            f"{where}.atomic_numbers[{i}]",
+            f"atom {i} has atomic number {numbers[i]}, which is not an element (1-{MAX_ATOMIC_NUMBER})",
+        )
+    bad_atoms = ~np.isfinite(positions).all(axis=1)
+    if bad_atoms.any():
+        i = _first(bad_atoms)
+        raise InvalidSystemError(
+            f"{where}.positions[{i}]", f"atom {i} has a non-finite position {positions[i].tolist()}"
+        )
+    if not np.isfinite(system.total_charge):
+        raise InvalidSystemError(f"{where}.total_charge", f"total charge {system.total_charge} is not finite")
+    periodic_axes = "".join(a for a, p in zip(_AXES, pbc) if p)
+    if cell is None:
+        if periodic_axes:
+            raise InvalidSystemError(
+                f"{where}.cell", f"the system is periodic along {periodic_axes} but has no cell"
+            )
+        return
+    if not np.isfinite(cell).all():
+        row = _first(~np.isfinite(cell).all(axis=1))
+        raise InvalidSystemError(
+            f"{where}.cell", f"cell vector {_AXES[row]} is not finite: {cell[row].tolist()}"
+        )
+    volume = abs(float(np.linalg.det(cell)))
+    if periodic_axes and volume < MIN_CELL_VOLUME:
+        raise InvalidSystemError(
+            f"{where}.cell",
+            f"the cell is singular (volume {volume:.3g} Å³) but the system is periodic along "
+            f"{periodic_axes}: give three independent cell vectors",
+        )

@@ -1,0 +1,63 @@
+"""The interface every model backend implements, and the checks every request passes before a model.
+
+A backend turns typed systems into typed results with one model on one device. It knows nothing of
+gRPC, Ray or batching policy: it is handed a list of systems (already validated) and evaluates them,
+merged into as few forward passes as it sees fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from ase.data import chemical_symbols
+
+from mlipserve.errors import UnsupportedElementError, UnsupportedPropertyError
+from mlipserve_client.types import ModelInfo, Property, Result, System
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model. ``info`` describes it (its ``id`` and ``status`` are set by the server)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def compute(self, systems: Sequence[System], properties: frozenset[Property]) -> list[Result]:
+        """One result per system, in order, with exactly the requested properties (stress only for
+        systems with a cell). Units: eV, eV/Å, eV/Å³ (ASE sign)."""
+        ...
+
+
+def check_supported(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property]) -> None:
+    """Reject elements the model was not trained on and properties it cannot compute."""
+    missing = sorted(p.value for p in properties - info.properties)
+    if missing:
+        raise UnsupportedPropertyError(
+            "properties",
+            f"model {info.id!r} cannot compute {', '.join(missing)}; "
+            f"it offers {', '.join(sorted(p.value for p in info.properties))}",
+        )
+    allowed = np.asarray(info.elements, dtype=np.int64)
+    for i, system in enumerate(systems):
+        bad = ~np.isin(system.numbers, allowed)
+        if bad.any():
+            indices = np.flatnonzero(bad)
+            elements = sorted({chemical_symbols[z] for z in system.numbers[indices]})
+            shown = ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
+            raise UnsupportedElementError(
+                f"systems[{i}].atomic_numbers[{indices[0]}]",
+                f"model {info.id!r} was not trained on {', '.join(elements)} (atoms {shown})",
+            )
+
+
+def warmup_system(info: ModelInfo) -> System:
+    """A small periodic system of the model's first element, to run every code path once."""
+    z = info.elements[0]
+    return System(
+        numbers=np.array([z, z]),
+        positions=np.array([[0.0, 0.0, 0.0], [1.5, 1.5, 1.5]]),
+        cell=np.eye(3) * 4.0,
+        pbc=np.ones(3, dtype=bool),
+    )

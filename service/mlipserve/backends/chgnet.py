@@ -1,0 +1,96 @@
+"""CHGNet (chgnet 0.4.2): pretrained weights shipped inside the wheel, batched over systems."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from ase import units
+from ase.stress import full_3x3_to_voigt_6_stress
+from pymatgen.core import Lattice, Structure
+
+from mlipserve_client.types import ModelInfo, Property, Result, System
+
+VERSIONS = ("0.3.0", "0.2.0", "r2scan")
+_TRAINING_DATA = {
+    "0.3.0": "MPtrj (Materials Project relaxation trajectories, PBE/PBE+U), 1.58 M frames",
+    "0.2.0": "MPtrj (Materials Project relaxation trajectories, PBE/PBE+U), 1.58 M frames",
+    "r2scan": "MP-r2SCAN, transfer-learned from CHGNet 0.3.0",
+}
+# CHGNet embeds atomic numbers 1-94.
+_ELEMENTS = tuple(range(1, 95))
+# Extra vacuum (Å) beyond the atom-graph cutoff when boxing a system that was sent without a cell.
+_BOX_MARGIN = 1.0
+
+
+class CHGNetBackend:
+    """CHGNet energies, forces, stress (GPa -> eV/Å³) and site energies.
+
+    CHGNet needs a lattice for every structure. A system without a cell is boxed (each side its
+    extent plus the cutoff plus a margin) with PBC off, which pymatgen's neighbour search honours, so
+    the box changes nothing; such a system gets no stress, as stress has no meaning without a cell.
+    """
+
+    def __init__(self, model_id: str = "chgnet-0.3.0", version: str = "0.3.0", device: str = "cpu") -> None:
+        from chgnet.model import CHGNet
+
+        if version not in VERSIONS:
+            raise ValueError(f"unknown CHGNet version {version!r}; known: {', '.join(VERSIONS)}")
+        self.model = CHGNet.load(model_name=version, use_device=device, verbose=False)
+        self.model.eval()
+        # CHGNet prints a warning per isolated atom to stderr; a dilute gas is a valid request.
+        self.model.graph_converter.set_isolated_atom_response("ignore")
+        self.cutoff = float(self.model.graph_converter.atom_graph_cutoff)
+        self._info = ModelInfo(
+            id=model_id,
+            architecture="CHGNet",
+            version=version,
+            cutoff=self.cutoff,
+            elements=_ELEMENTS,
+            dtype=str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            device=str(device),
+            num_parameters=self.model.n_params,
+            training_data=_TRAINING_DATA[version],
+            license="BSD-3-Clause (CHGNet code and weights)",
+            trained=True,
+            properties=frozenset(Property),
+        )
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def _structure(self, system: System) -> Structure:
+        cell = system.cell
+        if cell is None:
+            extent = np.ptp(system.positions, axis=0)
+            cell = np.diag(extent + self.cutoff + _BOX_MARGIN)
+        lattice = Lattice(cell, pbc=tuple(bool(p) for p in system.pbc))
+        return Structure(lattice, system.numbers.tolist(), system.positions, coords_are_cartesian=True)
+
+    def compute(self, systems: Sequence[System], properties: frozenset[Property]) -> list[Result]:
+        graphs = [self.model.graph_converter(self._structure(s)) for s in systems]
+        task = "efs" if Property.STRESS in properties else "ef"
+        predictions = self.model.predict_graph(
+            graphs,
+            task=task,
+            return_site_energies=Property.ENERGIES in properties,
+            batch_size=len(graphs),
+        )
+        if isinstance(predictions, dict):
+            predictions = [predictions]
+        return [self._result(s, p, properties) for s, p in zip(systems, predictions, strict=True)]
+
+    def _result(self, system: System, prediction: dict, properties: frozenset[Property]) -> Result:
+        result = Result()
+        if Property.ENERGY in properties:
+            # CHGNet predicts energy per atom.
+            result.energy = float(prediction["e"]) * system.n_atoms
+        if Property.FORCES in properties:
+            result.forces = np.asarray(prediction["f"], dtype=np.float64)
+        if Property.STRESS in properties and system.cell is not None:
+            # CHGNet's stress is (1/V) dE/dε in GPa: ASE's sign, other unit.
+            result.stress = full_3x3_to_voigt_6_stress(np.asarray(prediction["s"], dtype=np.float64) * units.GPa)
+        if Property.ENERGIES in properties:
+            result.energies = np.asarray(prediction["site_energies"], dtype=np.float64)
+        return result

@@ -1,0 +1,1 @@
+"""Thin Ray Serve deployments that wire the ingress, batching and backends together."""

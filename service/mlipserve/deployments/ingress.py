@@ -1,0 +1,130 @@
+"""MLIPIngress: the gRPC face of the application on Ray Serve's gRPC proxy.
+
+Parses and validates requests (mlipserve_client.convert), routes each to its model's deployment,
+and maps every error to a status (mlipserve.status). Also answers grpc.health.v1.Health, which the
+Serve proxy routes here like any other method. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mlipserve.backends.base import check_supported
+from mlipserve.config import ServiceConfig
+from mlipserve.errors import ModelNotFoundError, ModelUnavailableError
+from mlipserve.status import grpc_method, status_for
+from mlipserve_client import convert
+from mlipserve_client.client import SERVICE_NAME
+from mlipserve_client.types import ModelInfo, ModelStatus
+from mlipserve_client.v1 import compute_pb2, models_pb2
+
+logger = logging.getLogger("mlipserve.ingress")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+_WATCH_INTERVAL_S = 1.0
+
+
+@serve.deployment
+class MLIPIngress:
+    def __init__(self, config: ServiceConfig, models: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        self.models = models
+        # Metadata of models that answered AVAILABLE: fixed for the life of their deployment.
+        self._available: dict[str, ModelInfo] = {}
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    def _handle(self, model_id: str) -> DeploymentHandle:
+        handle = self.models.get(model_id)
+        if handle is None:
+            raise ModelNotFoundError(model_id, list(self.models))
+        return handle
+
+    async def _info(self, model_id: str) -> ModelInfo:
+        """A model's metadata and status; never raises (the status says what is wrong)."""
+        if model_id in self._available:
+            return self._available[model_id]
+        placeholder = ModelInfo(id=model_id, architecture=self.config.model(model_id).backend)
+        try:
+            info = await asyncio.wait_for(self.models[model_id].info.remote(), self.config.health_timeout_s)
+        except TimeoutError:
+            return dataclasses.replace(placeholder, status=ModelStatus.LOADING,
+                                       status_message="the model's replica is starting")
+        except Exception as error:  # noqa: BLE001 - reported as the model's status
+            _, message = status_for(error)
+            return dataclasses.replace(placeholder, status=ModelStatus.UNAVAILABLE, status_message=message)
+        if info.status is ModelStatus.AVAILABLE:
+            self._available[model_id] = info
+        return info
+
+    # --- mlipserve.v1.MLIPService ----------------------------------------------------------------
+
+    @grpc_method(compute_pb2.ComputeResponse)
+    async def Compute(self, request: compute_pb2.ComputeRequest, grpc_context) -> compute_pb2.ComputeResponse:
+        compute = convert.compute_request_from_proto(request)
+        handle = self._handle(compute.model)
+        info = await self._info(compute.model)
+        if info.status is ModelStatus.UNAVAILABLE:
+            raise ModelUnavailableError(compute.model, info.status_message)
+        if info.status is ModelStatus.AVAILABLE:
+            # Reject here what the model cannot take, so it never costs the model replica a call.
+            check_supported(info, compute.systems, compute.properties)
+        # A LOADING model's replica is starting: the call waits for it.
+        results = await handle.compute.remote(compute)
+        info = await self._info(compute.model)
+        return compute_pb2.ComputeResponse(
+            model=compute.model,
+            model_version=info.version,
+            results=[convert.result_to_proto(r) for r in results],
+        )
+
+    @grpc_method(models_pb2.ListModelsResponse)
+    async def ListModels(self, request: models_pb2.ListModelsRequest, grpc_context) -> models_pb2.ListModelsResponse:
+        infos = await asyncio.gather(*(self._info(m) for m in self.models))
+        return models_pb2.ListModelsResponse(models=[convert.model_info_to_proto(i) for i in infos])
+
+    @grpc_method(models_pb2.GetModelResponse)
+    async def GetModel(self, request: models_pb2.GetModelRequest, grpc_context) -> models_pb2.GetModelResponse:
+        self._handle(request.model)
+        info = await self._info(request.model)
+        return models_pb2.GetModelResponse(model=convert.model_info_to_proto(info))
+
+    # --- grpc.health.v1.Health -------------------------------------------------------------------
+
+    async def _health(self, service: str) -> int:
+        """"" and the API's name: SERVING once no model is loading and one is available.
+        "<API name>/<model id>": that model alone."""
+        if service in ("", SERVICE_NAME):
+            infos = await asyncio.gather(*(self._info(m) for m in self.models))
+            statuses = {i.status for i in infos}
+            ready = ModelStatus.LOADING not in statuses and ModelStatus.AVAILABLE in statuses
+            return SERVING if ready else NOT_SERVING
+        prefix = SERVICE_NAME + "/"
+        if service.startswith(prefix) and service[len(prefix):] in self.models:
+            info = await self._info(service[len(prefix):])
+            return SERVING if info.status is ModelStatus.AVAILABLE else NOT_SERVING
+        return SERVICE_UNKNOWN
+
+    @grpc_method(health_pb2.HealthCheckResponse)
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        status = await self._health(request.service)
+        if status == SERVICE_UNKNOWN:
+            raise ModelNotFoundError(request.service, [SERVICE_NAME] + [f"{SERVICE_NAME}/{m}" for m in self.models])
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context):
+        last = None
+        while True:
+            status = await self._health(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(_WATCH_INTERVAL_S)

@@ -1,0 +1,78 @@
+"""The server's exception types. No grpc here: status codes are assigned in ``mlipserve.status``.
+
+Every exception carries what a chemist needs to fix the request (field, atom indices, limits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mlipserve_client.errors import InvalidSystemError
+
+__all__ = [
+    "InvalidSystemError",
+    "ModelNotFoundError",
+    "ModelUnavailableError",
+    "ServerBusyError",
+    "SystemTooLargeError",
+    "UnsupportedElementError",
+    "UnsupportedPropertyError",
+]
+
+
+class UnsupportedElementError(InvalidSystemError):
+    """The model was not trained on an element of the system."""
+
+
+class UnsupportedPropertyError(InvalidSystemError):
+    """The model cannot compute a requested property."""
+
+
+class ModelNotFoundError(LookupError):
+    def __init__(self, model: str, available: Sequence[str]) -> None:
+        self.model = model
+        self.available = tuple(available)
+        super().__init__(f"unknown model {model!r}; available: {', '.join(self.available) or 'none'}")
+
+    def __reduce__(self):
+        return type(self), (self.model, self.available)
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model exists but cannot answer now (loading, or failed to load)."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.reason = reason
+        super().__init__(f"model {model!r} is unavailable: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.model, self.reason)
+
+
+class ServerBusyError(RuntimeError):
+    """The model's queue is full; the client should retry after ``retry_after_s``."""
+
+    def __init__(self, model: str, queued_atoms: int, retry_after_s: float) -> None:
+        self.model = model
+        self.queued_atoms = queued_atoms
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"model {model!r} is busy ({queued_atoms} atoms queued); retry in {retry_after_s:.1f} s"
+        )
+
+    def __reduce__(self):
+        return type(self), (self.model, self.queued_atoms, self.retry_after_s)
+
+
+class SystemTooLargeError(RuntimeError):
+    """One system alone exceeds what the model's device can hold."""
+
+    def __init__(self, field: str, n_atoms: int, limit: int) -> None:
+        self.field = field
+        self.n_atoms = n_atoms
+        self.limit = limit
+        super().__init__(f"{field}: {n_atoms} atoms is more than this model's device can hold (limit {limit})")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.n_atoms, self.limit)

@@ -1,0 +1,89 @@
+"""Start and stop an embedded local Ray with Serve's gRPC proxy: the CLI's ``serve`` and the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from mlipserve.app import GRPC_SERVICER_FUNCTIONS, build
+from mlipserve.config import ServiceConfig
+
+logger = logging.getLogger("mlipserve")
+
+APP_NAME = "mlipserve"
+# Ray's object store holds only request/response arrays here; its default (30% of RAM) wastes memory.
+OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+# Serve logs a line per request by default: too much for a service answering every MD step.
+LOGGING = {"enable_access_log": False}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    grpc_port: int
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """A local Ray instance in this process, without the dashboard and with a small object store."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            namespace=APP_NAME,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+
+
+def start_serve(grpc_port: int, http_port: int | None = None) -> None:
+    """Start Serve with the gRPC proxy on ``grpc_port`` (all interfaces: the proxy cannot bind one)."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    serve.start(
+        logging_config=LOGGING,
+        http_options={"host": "127.0.0.1", "port": http_port or free_port()},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)),
+    )
+
+
+def deploy(config: ServiceConfig) -> None:
+    """Deploy (or redeploy) the application; returns when every replica is up and warmed."""
+    from ray import serve
+
+    # The gRPC proxy routes only to applications that have a route prefix, even with one application.
+    serve.run(build(config), name=APP_NAME, route_prefix="/", logging_config=LOGGING)
+
+
+def start_local(config: ServiceConfig, grpc_port: int, num_cpus: int | None = None) -> LocalServer:
+    start_ray(num_cpus)
+    start_serve(grpc_port)
+    deploy(config)
+    return LocalServer(grpc_port)
+
+
+def stop_local() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
