@@ -44,16 +44,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mlipserve import runtime
 
     config = load_service_config(args.config, args.model, args.num_cpus)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, started = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        if not started.is_set():
+            raise KeyboardInterrupt  # still starting: abandon the start-up, then clean up below
+
     print(f"mlipserve: starting local Ray and {', '.join(m.id for m in config.models)} ...", flush=True)
     start = time.perf_counter()
     try:
-        server = runtime.start_local(config, grpc_port=args.port)
-        print(f"mlipserve: serving gRPC at {server.address} ({time.perf_counter() - start:.1f} s); "
+        runtime.start_ray()
+        # After ray.init: Ray installs its own fatal-signal handlers, which would abort the process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        runtime.start_serve(args.port)
+        runtime.deploy(config)
+        started.set()
+        print(f"mlipserve: serving gRPC at localhost:{args.port} ({time.perf_counter() - start:.1f} s); "
               "Ctrl-C to stop", flush=True)
         stop.wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         print("mlipserve: shutting down", flush=True)
         runtime.stop_local()

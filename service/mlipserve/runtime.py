@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-from dataclasses import dataclass
 
 from mlipserve.app import GRPC_SERVICER_FUNCTIONS, build
 from mlipserve.config import ServiceConfig
 
-logger = logging.getLogger("mlipserve")
 
 APP_NAME = "mlipserve"
 # Ray's object store holds only request/response arrays here; its default (30% of RAM) wastes memory.
@@ -27,15 +24,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@dataclass(frozen=True)
-class LocalServer:
-    grpc_port: int
-
-    @property
-    def address(self) -> str:
-        return f"localhost:{self.grpc_port}"
-
-
 def start_ray(num_cpus: int | None = None) -> None:
     """A local Ray instance in this process, without the dashboard and with a small object store."""
     import ray
@@ -49,7 +37,7 @@ def start_ray(num_cpus: int | None = None) -> None:
             namespace=APP_NAME,
             log_to_driver=True,
             configure_logging=True,
-            logging_level=logging.WARNING,
+            logging_level="WARNING",
         )
 
 
@@ -71,13 +59,6 @@ def deploy(config: ServiceConfig) -> None:
 
     # The gRPC proxy routes only to applications that have a route prefix, even with one application.
     serve.run(build(config), name=APP_NAME, route_prefix="/", logging_config=LOGGING)
-
-
-def start_local(config: ServiceConfig, grpc_port: int, num_cpus: int | None = None) -> LocalServer:
-    start_ray(num_cpus)
-    start_serve(grpc_port)
-    deploy(config)
-    return LocalServer(grpc_port)
 
 
 def stop_local() -> None:
