@@ -92,3 +92,25 @@ def test_stress_is_ase_sign_and_unit_by_finite_differences(backend):
     assert (result.stress[:3] < 0).all()
     # float32 energies (~1e-5 eV noise) over 2h·V ≈ 1.4 Å³: ~1e-5 eV/Å³ of noise.
     np.testing.assert_allclose(result.stress, fd, atol=5e-4, rtol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["bulk", "slab", "molecule"])
+def test_translations_by_whole_cells_change_nothing(backend, kind):
+    """Atoms far outside their cell (unwrapped MD) get the answer of the wrapped structure."""
+    from ase.build import bulk, fcc111, molecule
+
+    base = {"bulk": bulk("Si", cubic=True), "slab": fcc111("Cu", (2, 2, 3), vacuum=5.0),
+            "molecule": molecule("CH3CH2OH")}[kind]
+    moved = base.copy()
+    if kind == "bulk":
+        moved.positions[3] += 200 * moved.cell[0] - 150 * moved.cell[2]
+    elif kind == "slab":
+        moved.positions[3] += 200 * moved.cell[1]
+        moved.positions[:, 2] += 700.0
+    else:
+        moved.positions += 800.0
+    (r0,), (r1,) = (backend.compute([system_from_atoms(a)], ALL) for a in (base, moved))
+    assert r1.energy == pytest.approx(r0.energy, abs=1e-4)
+    np.testing.assert_allclose(r1.forces, r0.forces, atol=F_TOL, rtol=0)
+    if r0.stress is not None:
+        np.testing.assert_allclose(r1.stress, r0.stress, atol=S_TOL, rtol=0)

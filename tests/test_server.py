@@ -119,6 +119,12 @@ def _with(**changes):
     return message
 
 
+def _overlapping(atom, onto):
+    positions = si_diamond().positions
+    positions[atom] = positions[onto] + [0.01, 0, 0]
+    return positions.ravel().tolist()
+
+
 NAN = float("nan")
 BAD_REQUESTS = {
     "mismatched positions": (dict(systems=[_with(positions=[0.0] * 10)]), "INVALID_ARGUMENT", "systems[0].positions"),
@@ -133,6 +139,10 @@ BAD_REQUESTS = {
                                 "INVALID_ARGUMENT", "not trained on Cm (atoms 40)"),
     "singular periodic cell": (dict(systems=[_with(cell=[10.86, 0, 0, 0, 10.86, 0, 0, 0, 0])]), "INVALID_ARGUMENT",
                                "singular"),
+    "overlapping atoms": (dict(systems=[_with(positions=_overlapping(atom=9, onto=4))]),
+                          "INVALID_ARGUMENT", "atoms 4 and 9 are 0.010 Å apart"),
+    "cell in nm": (dict(systems=[_with(cell=[1.086, 0, 0, 0, 1.086, 0, 0, 0, 1.086], positions=[0.0] * 192)]),
+                   "INVALID_ARGUMENT", "is the cell in Å?"),
     "zero atoms": (dict(systems=[_with(atomic_numbers=[], positions=[])]), "INVALID_ARGUMENT",
                    "systems[0].atomic_numbers"),
     "no systems": (dict(systems=[]), "INVALID_ARGUMENT", "no systems"),

@@ -14,6 +14,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from mlipserve.errors import UnsupportedElementError, UnsupportedPropertyError
+from mlipserve.geometry import check_geometry
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 
@@ -30,8 +31,9 @@ class Backend(Protocol):
         ...
 
 
-def check_supported(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property]) -> None:
-    """Reject elements the model was not trained on and properties it cannot compute."""
+def check_request(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property]) -> None:
+    """Reject what the model cannot take: properties it lacks, elements it was not trained on, and
+    geometries that would give NaN or exhaust memory (mlipserve.geometry)."""
     missing = sorted(p.value for p in properties - info.properties)
     if missing:
         raise UnsupportedPropertyError(
@@ -50,6 +52,7 @@ def check_supported(info: ModelInfo, systems: Sequence[System], properties: froz
                 f"systems[{i}].atomic_numbers[{indices[0]}]",
                 f"model {info.id!r} was not trained on {', '.join(elements)} (atoms {shown})",
             )
+        check_geometry(system, f"systems[{i}]", info.cutoff)
 
 
 def warmup_system(info: ModelInfo) -> System:

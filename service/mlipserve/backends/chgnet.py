@@ -9,6 +9,7 @@ from ase import units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import Lattice, Structure
 
+from mlipserve.geometry import wrapped_positions
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 VERSIONS = ("0.3.0", "0.2.0", "r2scan")
@@ -66,7 +67,7 @@ class CHGNetBackend:
             extent = np.ptp(system.positions, axis=0)
             cell = np.diag(extent + self.cutoff + _BOX_MARGIN)
         lattice = Lattice(cell, pbc=tuple(bool(p) for p in system.pbc))
-        return Structure(lattice, system.numbers.tolist(), system.positions, coords_are_cartesian=True)
+        return Structure(lattice, system.numbers.tolist(), wrapped_positions(system), coords_are_cartesian=True)
 
     def compute(self, systems: Sequence[System], properties: frozenset[Property]) -> list[Result]:
         graphs = [self.model.graph_converter(self._structure(s)) for s in systems]

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from mlipserve.backends.base import check_supported
+from mlipserve.backends.base import check_request
 from mlipserve.config import ServiceConfig
 from mlipserve.errors import ModelNotFoundError, ModelUnavailableError
 from mlipserve.status import grpc_method, status_for
@@ -48,13 +48,14 @@ class MLIPIngress:
             raise ModelNotFoundError(model_id, list(self.models))
         return handle
 
-    async def _info(self, model_id: str) -> ModelInfo:
-        """A model's metadata and status; never raises (the status says what is wrong)."""
+    async def _info(self, model_id: str, timeout_s: float | None = None) -> ModelInfo:
+        """A model's metadata and status, waiting at most ``timeout_s`` for a starting replica
+        (then LOADING). Never raises: the status says what is wrong."""
         if model_id in self._available:
             return self._available[model_id]
         placeholder = ModelInfo(id=model_id, architecture=self.config.model(model_id).backend)
         try:
-            info = await asyncio.wait_for(self.models[model_id].info.remote(), self.config.health_timeout_s)
+            info = await asyncio.wait_for(self.models[model_id].info.remote(), timeout_s)
         except TimeoutError:
             return dataclasses.replace(placeholder, status=ModelStatus.LOADING,
                                        status_message="the model's replica is starting")
@@ -71,15 +72,13 @@ class MLIPIngress:
     async def Compute(self, request: compute_pb2.ComputeRequest, grpc_context) -> compute_pb2.ComputeResponse:
         compute = convert.compute_request_from_proto(request)
         handle = self._handle(compute.model)
+        # No timeout: a starting replica answers when loaded, within the caller's deadline.
         info = await self._info(compute.model)
-        if info.status is ModelStatus.UNAVAILABLE:
+        if info.status is not ModelStatus.AVAILABLE:
             raise ModelUnavailableError(compute.model, info.status_message)
-        if info.status is ModelStatus.AVAILABLE:
-            # Reject here what the model cannot take, so it never costs the model replica a call.
-            check_supported(info, compute.systems, compute.properties)
-        # A LOADING model's replica is starting: the call waits for it.
+        # The one place requests are checked against the model: a bad request never reaches it.
+        check_request(info, compute.systems, compute.properties)
         results = await handle.compute.remote(compute)
-        info = await self._info(compute.model)
         return compute_pb2.ComputeResponse(
             model=compute.model,
             model_version=info.version,
@@ -88,13 +87,13 @@ class MLIPIngress:
 
     @grpc_method(models_pb2.ListModelsResponse)
     async def ListModels(self, request: models_pb2.ListModelsRequest, grpc_context) -> models_pb2.ListModelsResponse:
-        infos = await asyncio.gather(*(self._info(m) for m in self.models))
+        infos = await asyncio.gather(*(self._info(m, self.config.health_timeout_s) for m in self.models))
         return models_pb2.ListModelsResponse(models=[convert.model_info_to_proto(i) for i in infos])
 
     @grpc_method(models_pb2.GetModelResponse)
     async def GetModel(self, request: models_pb2.GetModelRequest, grpc_context) -> models_pb2.GetModelResponse:
         self._handle(request.model)
-        info = await self._info(request.model)
+        info = await self._info(request.model, self.config.health_timeout_s)
         return models_pb2.GetModelResponse(model=convert.model_info_to_proto(info))
 
     # --- grpc.health.v1.Health -------------------------------------------------------------------
@@ -103,13 +102,13 @@ class MLIPIngress:
         """"" and the API's name: SERVING once no model is loading and one is available.
         "<API name>/<model id>": that model alone."""
         if service in ("", SERVICE_NAME):
-            infos = await asyncio.gather(*(self._info(m) for m in self.models))
+            infos = await asyncio.gather(*(self._info(m, self.config.health_timeout_s) for m in self.models))
             statuses = {i.status for i in infos}
             ready = ModelStatus.LOADING not in statuses and ModelStatus.AVAILABLE in statuses
             return SERVING if ready else NOT_SERVING
         prefix = SERVICE_NAME + "/"
         if service.startswith(prefix) and service[len(prefix):] in self.models:
-            info = await self._info(service[len(prefix):])
+            info = await self._info(service[len(prefix):], self.config.health_timeout_s)
             return SERVING if info.status is ModelStatus.AVAILABLE else NOT_SERVING
         return SERVICE_UNKNOWN
 

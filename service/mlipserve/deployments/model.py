@@ -8,7 +8,7 @@ import time
 
 from ray import serve
 
-from mlipserve.backends.base import Backend, check_supported, warmup_system
+from mlipserve.backends.base import Backend, warmup_system
 from mlipserve.batching import BatchPolicy, BatchQueue, BatchRecord
 from mlipserve.config import ModelConfig
 from mlipserve.errors import ModelUnavailableError
@@ -64,10 +64,9 @@ class ModelServer:
         return list(self.queue.history) if self.queue is not None else []
 
     async def compute(self, request: ComputeRequest) -> list[Result]:
+        """Results for a request the ingress has validated against ``info()`` (check_request)."""
         if self.queue is None:
             raise ModelUnavailableError(self.config.id, self._info.status_message)
-        # Reject before queueing, so that a bad request never joins (and never fails) a batch.
-        check_supported(self._info, request.systems, request.properties)
         return await self.queue.submit(request)
 
     def __del__(self) -> None:
