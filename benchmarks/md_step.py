@@ -37,11 +37,12 @@ class InProcessBackend(Calculator):
         self.backend = backend
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from mlipserve.backends.base import Batch
         from mlipserve_client.convert import system_from_atoms
-        from mlipserve_client.types import Property
+        from mlipserve_client.types import DEFAULT_PROPERTIES
 
         super().calculate(atoms, properties, system_changes)
-        (result,) = self.backend.compute([system_from_atoms(self.atoms)], frozenset({Property.ENERGY, Property.FORCES}))
+        (result,) = self.backend.compute(Batch((system_from_atoms(self.atoms),), DEFAULT_PROPERTIES))
         self.results = result.as_ase_results()
 
 

@@ -21,6 +21,8 @@ from mlipserve_client.v1 import compute_pb2, models_pb2, system_pb2
 def test_atoms_round_trip_is_exact(atoms):
     atoms.info["charge"] = -1.0
     atoms.info["spin"] = 2
+    charges = np.linspace(-1, 1, len(atoms))
+    atoms.set_initial_charges(charges - (charges.sum() + 1.0) / len(atoms))
     system = convert.system_from_atoms(atoms)
     wire = system_pb2.System.FromString(convert.system_to_proto(system).SerializeToString())
     back = convert.atoms_from_system(convert.system_from_proto(wire))
@@ -28,31 +30,34 @@ def test_atoms_round_trip_is_exact(atoms):
     np.testing.assert_array_equal(back.positions, atoms.positions)
     np.testing.assert_array_equal(back.cell.array, atoms.cell.array)
     np.testing.assert_array_equal(back.pbc, atoms.pbc)
+    np.testing.assert_array_equal(back.get_initial_charges(), atoms.get_initial_charges())
     assert back.info == {"charge": -1.0, "spin": 2}
 
 
 def test_molecule_without_cell_travels_without_cell():
     system = convert.system_from_atoms(molecule("H2O"))
-    assert system.cell is None and not system.is_periodic
+    assert system.cell is None and not system.is_periodic and system.atomic_charges is None
     assert len(convert.system_to_proto(system).cell) == 0
 
 
 def test_result_round_trip():
-    result = Result(energy=-1.5, forces=np.arange(6.0).reshape(2, 3), stress=np.arange(6.0) / 7, energies=np.array([-1.0, -0.5]))
+    result = Result(energy=-1.5, forces=np.arange(6.0).reshape(2, 3), stress=np.arange(6.0) / 7,
+                    energies=np.array([-1.0, -0.5]), magmoms=np.array([0.25, 2.0]))
     wire = compute_pb2.SystemResult.FromString(convert.result_to_proto(result).SerializeToString())
     back = convert.result_from_proto(wire, n_atoms=2)
     assert back.energy == -1.5
     np.testing.assert_array_equal(back.forces, result.forces)
     np.testing.assert_array_equal(back.stress, result.stress)
     np.testing.assert_array_equal(back.energies, result.energies)
+    np.testing.assert_array_equal(back.magmoms, result.magmoms)
     assert convert.result_from_proto(compute_pb2.SystemResult(), n_atoms=2).energy is None
 
 
 def test_request_round_trip_and_default_properties():
     atoms = bulk("Si")
-    request = ComputeRequest("m", (convert.system_from_atoms(atoms),), frozenset({Property.STRESS, Property.ENERGY}))
+    request = ComputeRequest("m", (convert.system_from_atoms(atoms),), frozenset({Property.STRESS, Property.MAGMOMS}), "PBE")
     back = convert.compute_request_from_proto(convert.compute_request_to_proto(request))
-    assert back.model == "m" and back.properties == request.properties
+    assert (back.model, back.properties, back.task) == ("m", request.properties, "PBE")
     message = convert.compute_request_to_proto(request)
     del message.properties[:]
     assert convert.compute_request_from_proto(message).properties == {Property.ENERGY, Property.FORCES}
@@ -60,7 +65,8 @@ def test_request_round_trip_and_default_properties():
 
 def test_model_info_round_trip():
     info = ModelInfo(id="x", architecture="CHGNet", version="0.3.0", cutoff=6.0, elements=(1, 8), num_parameters=5,
-                     properties=frozenset(Property), status=ModelStatus.LOADING, status_message="warming up")
+                     properties=frozenset(Property), status=ModelStatus.LOADING, status_message="warming up",
+                     tasks=("omat", "omol"), default_task="omat")
     assert convert.model_info_from_proto(
         models_pb2.ModelInfo.FromString(convert.model_info_to_proto(info).SerializeToString())) == info
 
@@ -97,6 +103,9 @@ NAN = float("nan")
     (_mutated(cell=[]), "systems[3].cell", "no cell"),
     (_mutated(pbc=[True, True]), "systems[3].pbc", "2 values"),
     (_mutated(total_charge=NAN), "systems[3].total_charge", "not finite"),
+    (_mutated(atomic_charges=[0.1] * 7), "systems[3].atomic_charges", "one per atom (8)"),
+    (_mutated(atomic_charges=[0.1] * 8), "systems[3].atomic_charges", "sum to 0.8 e but total_charge is 0 e"),
+    (_mutated(atomic_charges=[0.0] * 4 + [NAN] + [0.0] * 3), "systems[3].atomic_charges[4]", "non-finite"),
 ])
 def test_invalid_systems_name_the_field(message, field, words):
     with pytest.raises(InvalidSystemError) as info:

@@ -16,30 +16,32 @@ from mlipserve_client.v1 import compute_pb2, models_pb2, service_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
-ALL = ("energy", "forces", "stress", "energies")
+ALL = ("energy", "forces", "stress", "energies", "magmoms")
 E_TOL_PER_ATOM, F_TOL, S_TOL = 1e-5, 1e-4, 1e-5
 
 
 def _local(atoms, calc):
     atoms = atoms.copy()
     atoms.calc = calc
-    return atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(), atoms.get_potential_energies()
+    return (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(), atoms.get_potential_energies(),
+            atoms.get_magnetic_moments())
 
 
 @pytest.mark.parametrize("make", [si_diamond, nacl_rattled, ethanol_boxed])
 def test_served_equals_chgnet_calculator(client, chgnet_calc, make):
     atoms = make()
     (served,) = client.compute(atoms, ALL)
-    energy, forces, stress, energies = _local(atoms, chgnet_calc)
+    energy, forces, stress, energies, magmoms = _local(atoms, chgnet_calc)
     assert abs(served.energy - energy) / len(atoms) < E_TOL_PER_ATOM
     np.testing.assert_allclose(served.forces, forces, atol=F_TOL, rtol=0)
     np.testing.assert_allclose(served.stress, stress, atol=S_TOL, rtol=0)
     np.testing.assert_allclose(served.energies, energies, atol=E_TOL_PER_ATOM, rtol=0)
+    np.testing.assert_allclose(served.magmoms, magmoms, atol=1e-5, rtol=0)
 
 
 def test_molecule_without_cell_gets_the_boxed_answer(client, chgnet_calc):
     (served,) = client.compute(ethanol_no_cell(), ALL)
-    energy, forces, _, _ = _local(ethanol_boxed(), chgnet_calc)
+    energy, forces, *_ = _local(ethanol_boxed(), chgnet_calc)
     assert abs(served.energy - energy) / 9 < E_TOL_PER_ATOM
     np.testing.assert_allclose(served.forces, forces, atol=F_TOL, rtol=0)
     assert served.stress is None

@@ -17,6 +17,7 @@ _ASE_TO_PROPERTY = {
     "forces": Property.FORCES,
     "stress": Property.STRESS,
     "energies": Property.ENERGIES,
+    "magmoms": Property.MAGMOMS,
 }
 
 
@@ -28,7 +29,7 @@ class RemoteCalculator(Calculator):
     (also an ASE InputError) carrying the gRPC status and the server's message.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "magmoms"]
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from ase import Atoms
 
 from mlipserve_client.errors import InvalidSystemError
 from mlipserve_client.types import (
+    ARRAY_PROPERTIES,
     DEFAULT_PROPERTIES,
     ComputeRequest,
     ModelInfo,
@@ -30,6 +31,7 @@ _PROPERTY_TO_PROTO = {
     Property.FORCES: compute_pb2.PROPERTY_FORCES,
     Property.STRESS: compute_pb2.PROPERTY_STRESS,
     Property.ENERGIES: compute_pb2.PROPERTY_ENERGIES,
+    Property.MAGMOMS: compute_pb2.PROPERTY_MAGMOMS,
 }
 _PROPERTY_FROM_PROTO = {v: k for k, v in _PROPERTY_TO_PROTO.items()}
 _STATUS_TO_PROTO = {
@@ -52,7 +54,8 @@ def system_from_atoms(atoms: Atoms) -> System:
     """A System from ASE Atoms. A cell of rank < 3 on a non-periodic system means "no cell".
 
     ``atoms.info["charge"]`` and ``atoms.info["spin"]`` (multiplicity) carry the total charge and
-    spin, as in fairchem's convention.
+    spin, as in fairchem's convention; per-atom charges travel when set with
+    ``atoms.set_initial_charges``.
     """
     pbc = np.array(atoms.pbc, dtype=bool)
     cell = None
@@ -65,6 +68,8 @@ def system_from_atoms(atoms: Atoms) -> System:
         pbc=_readonly(pbc),
         total_charge=float(atoms.info.get("charge", 0.0)),
         spin_multiplicity=int(atoms.info.get("spin", 0)),
+        atomic_charges=(_readonly(np.array(atoms.get_initial_charges(), dtype=np.float64))
+                        if atoms.has("initial_charges") else None),
     )
 
 
@@ -74,6 +79,7 @@ def atoms_from_system(system: System) -> Atoms:
         positions=system.positions,
         cell=system.cell if system.cell is not None else np.zeros((3, 3)),
         pbc=system.pbc,
+        charges=system.atomic_charges,
     )
     if system.total_charge:
         atoms.info["charge"] = system.total_charge
@@ -93,6 +99,7 @@ def system_to_proto(system: System) -> system_pb2.System:
         pbc=system.pbc.tolist(),
         total_charge=system.total_charge,
         spin_multiplicity=system.spin_multiplicity,
+        atomic_charges=[] if system.atomic_charges is None else system.atomic_charges.tolist(),
     )
 
 
@@ -114,6 +121,9 @@ def system_from_proto(message: system_pb2.System, where: str = "system") -> Syst
     pbc = np.asarray(message.pbc, dtype=bool)
     if pbc.size not in (0, 3):
         raise InvalidSystemError(f"{where}.pbc", f"has {pbc.size} values; give 3 (one per cell vector) or none")
+    charges = np.asarray(message.atomic_charges, dtype=np.float64)
+    if charges.size not in (0, n):
+        raise InvalidSystemError(f"{where}.atomic_charges", f"has {charges.size} values; give one per atom ({n}) or none")
     system = System(
         numbers=_readonly(numbers),
         positions=_readonly(positions.reshape(n, 3)),
@@ -121,6 +131,7 @@ def system_from_proto(message: system_pb2.System, where: str = "system") -> Syst
         pbc=_readonly(pbc if pbc.size else np.zeros(3, dtype=bool)),
         total_charge=float(message.total_charge),
         spin_multiplicity=int(message.spin_multiplicity),
+        atomic_charges=_readonly(charges) if charges.size else None,
     )
     validate_system(system, where)
     return system
@@ -151,6 +162,7 @@ def compute_request_to_proto(request: ComputeRequest) -> compute_pb2.ComputeRequ
         model=request.model,
         systems=[system_to_proto(s) for s in request.systems],
         properties=properties_to_proto(request.properties),
+        task=request.task,
     )
 
 
@@ -163,6 +175,7 @@ def compute_request_from_proto(message: compute_pb2.ComputeRequest) -> ComputeRe
         model=message.model,
         systems=tuple(system_from_proto(s, f"systems[{i}]") for i, s in enumerate(message.systems)),
         properties=properties_from_proto(message.properties),
+        task=message.task,
     )
 
 
@@ -173,7 +186,7 @@ def result_to_proto(result: Result) -> compute_pb2.SystemResult:
     message = compute_pb2.SystemResult()
     if result.energy is not None:
         message.energy = float(result.energy)
-    for name in ("forces", "stress", "energies"):
+    for name in ARRAY_PROPERTIES:
         value = getattr(result, name)
         if value is not None:
             getattr(message, name).extend(np.asarray(value, dtype=np.float64).ravel().tolist())
@@ -184,11 +197,10 @@ def result_from_proto(message: compute_pb2.SystemResult, n_atoms: int) -> Result
     def array(values, shape):
         return np.asarray(values, dtype=np.float64).reshape(shape) if len(values) else None
 
+    shapes = {"forces": (n_atoms, 3), "stress": (6,), "energies": (n_atoms,), "magmoms": (n_atoms,)}
     return Result(
         energy=message.energy if message.HasField("energy") else None,
-        forces=array(message.forces, (n_atoms, 3)),
-        stress=array(message.stress, (6,)),
-        energies=array(message.energies, (n_atoms,)),
+        **{name: array(getattr(message, name), shapes[name]) for name in ARRAY_PROPERTIES},
     )
 
 
@@ -213,6 +225,8 @@ def model_info_to_proto(info: ModelInfo) -> models_pb2.ModelInfo:
         uses_spin=info.uses_spin,
         status=_STATUS_TO_PROTO[info.status],
         status_message=info.status_message,
+        tasks=list(info.tasks),
+        default_task=info.default_task,
     )
 
 
@@ -234,4 +248,6 @@ def model_info_from_proto(message: models_pb2.ModelInfo) -> ModelInfo:
         uses_spin=message.uses_spin,
         status=_STATUS_FROM_PROTO.get(message.status, ModelStatus.UNAVAILABLE),
         status_message=message.status_message,
+        tasks=tuple(message.tasks),
+        default_task=message.default_task,
     )

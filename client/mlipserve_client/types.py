@@ -19,6 +19,7 @@ class Property(str, enum.Enum):
     FORCES = "forces"
     STRESS = "stress"
     ENERGIES = "energies"
+    MAGMOMS = "magmoms"
 
 
 DEFAULT_PROPERTIES = frozenset({Property.ENERGY, Property.FORCES})
@@ -34,6 +35,7 @@ class System:
     pbc: np.ndarray  # (3,) bool
     total_charge: float = 0.0  # e
     spin_multiplicity: int = 0  # 2S+1; 0 = the model's default
+    atomic_charges: np.ndarray | None = None  # (n,) e, optional; sums to total_charge
 
     @property
     def n_atoms(self) -> int:
@@ -51,10 +53,15 @@ class ComputeRequest:
     model: str
     systems: tuple[System, ...]
     properties: frozenset[Property] = DEFAULT_PROPERTIES
+    task: str = ""  # "" = the model's default task
 
     @property
     def n_atoms(self) -> int:
         return sum(s.n_atoms for s in self.systems)
+
+
+# Result fields that are arrays, by their Property name.
+ARRAY_PROPERTIES = ("forces", "stress", "energies", "magmoms")
 
 
 @dataclass(eq=False)
@@ -65,13 +72,14 @@ class Result:
     forces: np.ndarray | None = None  # (n, 3) eV/Å
     stress: np.ndarray | None = None  # (6,) eV/Å³, Voigt xx yy zz yz xz xy, ASE sign
     energies: np.ndarray | None = None  # (n,) eV
+    magmoms: np.ndarray | None = None  # (n,) μB
 
     def as_ase_results(self) -> dict[str, float | np.ndarray]:
         """The ``Calculator.results`` dict ASE expects (energy doubles as free_energy)."""
         out: dict[str, float | np.ndarray] = {}
         if self.energy is not None:
             out["energy"] = out["free_energy"] = self.energy
-        for name in ("forces", "stress", "energies"):
+        for name in ARRAY_PROPERTIES:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -104,3 +112,5 @@ class ModelInfo:
     uses_spin: bool = False
     status: ModelStatus = ModelStatus.AVAILABLE
     status_message: str = ""
+    tasks: tuple[str, ...] = ()
+    default_task: str = ""

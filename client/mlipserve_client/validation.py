@@ -10,6 +10,8 @@ from mlipserve_client.types import System
 MAX_ATOMIC_NUMBER = 118
 # A periodic cell thinner than this (Å³) is numerically singular for every model we serve.
 MIN_CELL_VOLUME = 1e-6
+# Per-atom charges must add up to the total charge to this precision (e).
+CHARGE_SUM_TOLERANCE = 1e-6
 _AXES = "abc"
 
 
@@ -37,6 +39,16 @@ def validate_system(system: System, where: str) -> None:
         )
     if not np.isfinite(system.total_charge):
         raise InvalidSystemError(f"{where}.total_charge", f"total charge {system.total_charge} is not finite")
+    if system.atomic_charges is not None:
+        charges = system.atomic_charges
+        if not np.isfinite(charges).all():
+            i = _first(~np.isfinite(charges))
+            raise InvalidSystemError(f"{where}.atomic_charges[{i}]", f"atom {i} has a non-finite charge {charges[i]}")
+        if abs(charges.sum() - system.total_charge) > CHARGE_SUM_TOLERANCE:
+            raise InvalidSystemError(
+                f"{where}.atomic_charges",
+                f"the atomic charges sum to {charges.sum():.9g} e but total_charge is {system.total_charge:.9g} e",
+            )
     periodic_axes = "".join(a for a, p in zip(_AXES, pbc) if p)
     if cell is None:
         if periodic_axes:

@@ -1,10 +1,10 @@
 """Assembles requests for one model into batches and runs them on one compute thread.
 
-Knows nothing of gRPC, Ray or a concrete model: it is given a function that evaluates a list of
-systems. Requests are merged until the batch holds ``max_batch_atoms`` atoms or the first request has
-waited ``max_wait_s``; one request's systems are never split across batches. Each request gets its own
-results; if a merged batch fails, its requests are retried one by one so a bad system fails only the
-request that sent it.
+Knows nothing of gRPC, Ray or a concrete model: it is given a function that evaluates a Batch.
+Requests for the same task are merged until the batch holds ``max_batch_atoms`` atoms or the first
+request has waited ``max_wait_s``; one request's systems are never split across batches. Each request
+gets its own results; if a merged batch fails, its requests are retried one by one so a bad system
+fails only the request that sent it.
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from mlipserve.backends.base import Batch
 from mlipserve.errors import ServerBusyError
-from mlipserve_client.types import ComputeRequest, Property, Result, System
+from mlipserve_client.types import ComputeRequest, Property, Result
 
 logger = logging.getLogger("mlipserve.batching")
 
-EvaluateFn = Callable[[Sequence[System], frozenset[Property]], list[Result]]
+EvaluateFn = Callable[[Batch], list[Result]]
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ class BatchQueue:
                 except TimeoutError:
                     break
                 continue
-            if atoms + self._pending[0].n_atoms > self.policy.max_batch_atoms:
+            following = self._pending[0]
+            if following.request.task != first.request.task or atoms + following.n_atoms > self.policy.max_batch_atoms:
                 break
             nxt = self._pop()
             if nxt is not None:
@@ -132,10 +134,10 @@ class BatchQueue:
     def _run(self, batch: list[PendingRequest]) -> None:
         """Evaluate a batch on the compute thread and resolve its futures on the event loop."""
         start = time.perf_counter()
-        systems = [s for p in batch for s in p.request.systems]
+        systems = tuple(s for p in batch for s in p.request.systems)
         properties = frozenset().union(*(p.request.properties for p in batch))
         try:
-            results = self._evaluate(systems, properties)
+            results = self._evaluate(Batch(systems, properties, batch[0].request.task))
             if len(results) != len(systems):
                 raise RuntimeError(f"backend returned {len(results)} results for {len(systems)} systems")
         except Exception as error:  # noqa: BLE001 - isolate the failing request below
@@ -176,9 +178,4 @@ class BatchQueue:
 
 def _only(result: Result, properties: frozenset[Property]) -> Result:
     """Drop what a merged batch computed for other requests."""
-    return Result(
-        energy=result.energy if Property.ENERGY in properties else None,
-        forces=result.forces if Property.FORCES in properties else None,
-        stress=result.stress if Property.STRESS in properties else None,
-        energies=result.energies if Property.ENERGIES in properties else None,
-    )
+    return Result(**{p.value: getattr(result, p.value) if p in properties else None for p in Property})

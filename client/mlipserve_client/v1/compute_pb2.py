@@ -26,19 +26,19 @@ _sym_db = _symbol_database.Default()
 from mlipserve_client.v1 import system_pb2 as mlipserve_dot_v1_dot_system__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/compute.proto\x12\x0cmlipserve.v1\x1a\x19mlipserve/v1/system.proto\"r\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07systems\x18\x02 \x03(\x0b\x32\x14.mlipserve.v1.System\x12*\n\nproperties\x18\x03 \x03(\x0e\x32\x16.mlipserve.v1.Property\"`\n\x0cSystemResult\x12\x13\n\x06\x65nergy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06\x66orces\x18\x02 \x03(\x01\x12\x0e\n\x06stress\x18\x03 \x03(\x01\x12\x10\n\x08\x65nergies\x18\x04 \x03(\x01\x42\t\n\x07_energy\"d\n\x0f\x43omputeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.mlipserve.v1.SystemResult*z\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x15\n\x11PROPERTY_ENERGIES\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/compute.proto\x12\x0cmlipserve.v1\x1a\x19mlipserve/v1/system.proto\"\x80\x01\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07systems\x18\x02 \x03(\x0b\x32\x14.mlipserve.v1.System\x12*\n\nproperties\x18\x03 \x03(\x0e\x32\x16.mlipserve.v1.Property\x12\x0c\n\x04task\x18\x04 \x01(\t\"q\n\x0cSystemResult\x12\x13\n\x06\x65nergy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06\x66orces\x18\x02 \x03(\x01\x12\x0e\n\x06stress\x18\x03 \x03(\x01\x12\x10\n\x08\x65nergies\x18\x04 \x03(\x01\x12\x0f\n\x07magmoms\x18\x05 \x03(\x01\x42\t\n\x07_energy\"d\n\x0f\x43omputeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.mlipserve.v1.SystemResult*\x90\x01\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x15\n\x11PROPERTY_ENERGIES\x10\x04\x12\x14\n\x10PROPERTY_MAGMOMS\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlipserve_client.v1.compute_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPERTY']._serialized_start=387
-  _globals['_PROPERTY']._serialized_end=509
-  _globals['_COMPUTEREQUEST']._serialized_start=71
-  _globals['_COMPUTEREQUEST']._serialized_end=185
-  _globals['_SYSTEMRESULT']._serialized_start=187
-  _globals['_SYSTEMRESULT']._serialized_end=283
-  _globals['_COMPUTERESPONSE']._serialized_start=285
-  _globals['_COMPUTERESPONSE']._serialized_end=385
+  _globals['_PROPERTY']._serialized_start=420
+  _globals['_PROPERTY']._serialized_end=564
+  _globals['_COMPUTEREQUEST']._serialized_start=72
+  _globals['_COMPUTEREQUEST']._serialized_end=200
+  _globals['_SYSTEMRESULT']._serialized_start=202
+  _globals['_SYSTEMRESULT']._serialized_end=315
+  _globals['_COMPUTERESPONSE']._serialized_start=317
+  _globals['_COMPUTERESPONSE']._serialized_end=417
 # @@protoc_insertion_point(module_scope)

@@ -16,33 +16,39 @@ class Property(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROPERTY_FORCES: _ClassVar[Property]
     PROPERTY_STRESS: _ClassVar[Property]
     PROPERTY_ENERGIES: _ClassVar[Property]
+    PROPERTY_MAGMOMS: _ClassVar[Property]
 PROPERTY_UNSPECIFIED: Property
 PROPERTY_ENERGY: Property
 PROPERTY_FORCES: Property
 PROPERTY_STRESS: Property
 PROPERTY_ENERGIES: Property
+PROPERTY_MAGMOMS: Property
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("model", "systems", "properties")
+    __slots__ = ("model", "systems", "properties", "task")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEMS_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     model: str
     systems: _containers.RepeatedCompositeFieldContainer[_system_pb2.System]
     properties: _containers.RepeatedScalarFieldContainer[Property]
-    def __init__(self, model: _Optional[str] = ..., systems: _Optional[_Iterable[_Union[_system_pb2.System, _Mapping]]] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ...) -> None: ...
+    task: str
+    def __init__(self, model: _Optional[str] = ..., systems: _Optional[_Iterable[_Union[_system_pb2.System, _Mapping]]] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ..., task: _Optional[str] = ...) -> None: ...
 
 class SystemResult(_message.Message):
-    __slots__ = ("energy", "forces", "stress", "energies")
+    __slots__ = ("energy", "forces", "stress", "energies", "magmoms")
     ENERGY_FIELD_NUMBER: _ClassVar[int]
     FORCES_FIELD_NUMBER: _ClassVar[int]
     STRESS_FIELD_NUMBER: _ClassVar[int]
     ENERGIES_FIELD_NUMBER: _ClassVar[int]
+    MAGMOMS_FIELD_NUMBER: _ClassVar[int]
     energy: float
     forces: _containers.RepeatedScalarFieldContainer[float]
     stress: _containers.RepeatedScalarFieldContainer[float]
     energies: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., energies: _Optional[_Iterable[float]] = ...) -> None: ...
+    magmoms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., energies: _Optional[_Iterable[float]] = ..., magmoms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
     __slots__ = ("model", "model_version", "results")

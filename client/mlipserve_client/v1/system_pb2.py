@@ -25,13 +25,13 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlipserve/v1/system.proto\x12\x0cmlipserve.v1\"\x7f\n\x06System\x12\x16\n\x0e\x61tomic_numbers\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x01\x12\x0c\n\x04\x63\x65ll\x18\x03 \x03(\x01\x12\x0b\n\x03pbc\x18\x04 \x03(\x08\x12\x14\n\x0ctotal_charge\x18\x05 \x01(\x01\x12\x19\n\x11spin_multiplicity\x18\x06 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlipserve/v1/system.proto\x12\x0cmlipserve.v1\"\x97\x01\n\x06System\x12\x16\n\x0e\x61tomic_numbers\x18\x01 \x03(\x05\x12\x11\n\tpositions\x18\x02 \x03(\x01\x12\x0c\n\x04\x63\x65ll\x18\x03 \x03(\x01\x12\x0b\n\x03pbc\x18\x04 \x03(\x08\x12\x14\n\x0ctotal_charge\x18\x05 \x01(\x01\x12\x19\n\x11spin_multiplicity\x18\x06 \x01(\r\x12\x16\n\x0e\x61tomic_charges\x18\x07 \x03(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlipserve_client.v1.system_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SYSTEM']._serialized_start=43
-  _globals['_SYSTEM']._serialized_end=170
+  _globals['_SYSTEM']._serialized_start=44
+  _globals['_SYSTEM']._serialized_end=195
 # @@protoc_insertion_point(module_scope)

@@ -8,17 +8,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class System(_message.Message):
-    __slots__ = ("atomic_numbers", "positions", "cell", "pbc", "total_charge", "spin_multiplicity")
+    __slots__ = ("atomic_numbers", "positions", "cell", "pbc", "total_charge", "spin_multiplicity", "atomic_charges")
     ATOMIC_NUMBERS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
     PBC_FIELD_NUMBER: _ClassVar[int]
     TOTAL_CHARGE_FIELD_NUMBER: _ClassVar[int]
     SPIN_MULTIPLICITY_FIELD_NUMBER: _ClassVar[int]
+    ATOMIC_CHARGES_FIELD_NUMBER: _ClassVar[int]
     atomic_numbers: _containers.RepeatedScalarFieldContainer[int]
     positions: _containers.RepeatedScalarFieldContainer[float]
     cell: _containers.RepeatedScalarFieldContainer[float]
     pbc: _containers.RepeatedScalarFieldContainer[bool]
     total_charge: float
     spin_multiplicity: int
-    def __init__(self, atomic_numbers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., pbc: _Optional[_Iterable[bool]] = ..., total_charge: _Optional[float] = ..., spin_multiplicity: _Optional[int] = ...) -> None: ...
+    atomic_charges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, atomic_numbers: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[float]] = ..., cell: _Optional[_Iterable[float]] = ..., pbc: _Optional[_Iterable[bool]] = ..., total_charge: _Optional[float] = ..., spin_multiplicity: _Optional[int] = ..., atomic_charges: _Optional[_Iterable[float]] = ...) -> None: ...

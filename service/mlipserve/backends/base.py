@@ -1,21 +1,35 @@
 """The interface every model backend implements, and the checks every request passes before a model.
 
 A backend turns typed systems into typed results with one model on one device. It knows nothing of
-gRPC, Ray or batching policy: it is handed a list of systems (already validated) and evaluates them,
-merged into as few forward passes as it sees fit.
+gRPC, Ray or batching policy: it is handed a Batch of systems (already validated with
+``check_request``) and evaluates them in one merged forward pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from ase.data import chemical_symbols
 
-from mlipserve.errors import UnsupportedElementError, UnsupportedPropertyError
+from mlipserve.errors import InvalidSystemError, UnsupportedElementError, UnsupportedPropertyError
 from mlipserve.geometry import check_geometry
 from mlipserve_client.types import ModelInfo, Property, Result, System
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Systems evaluated together by one model, with the union of what their requests asked for."""
+
+    systems: tuple[System, ...]
+    properties: frozenset[Property]
+    task: str = ""  # "" = the model's default task
+
+    @property
+    def n_atoms(self) -> int:
+        return sum(s.n_atoms for s in self.systems)
 
 
 @runtime_checkable
@@ -25,15 +39,18 @@ class Backend(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def compute(self, systems: Sequence[System], properties: frozenset[Property]) -> list[Result]:
+    def compute(self, batch: Batch) -> list[Result]:
         """One result per system, in order, with exactly the requested properties (stress only for
-        systems with a cell). Units: eV, eV/Å, eV/Å³ (ASE sign)."""
+        systems with a cell). Units: eV, eV/Å, eV/Å³ (ASE sign), μB."""
         ...
 
 
-def check_request(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property]) -> None:
-    """Reject what the model cannot take: properties it lacks, elements it was not trained on, and
-    geometries that would give NaN or exhaust memory (mlipserve.geometry)."""
+def check_request(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property], task: str = "") -> None:
+    """Reject what the model cannot take: properties it lacks, a task it does not have, elements it
+    was not trained on, and geometries that would give NaN or exhaust memory (mlipserve.geometry)."""
+    if task and task not in info.tasks:
+        offered = f"its tasks are {', '.join(info.tasks)}" if info.tasks else "it has a single task"
+        raise InvalidSystemError("task", f"model {info.id!r} has no task {task!r}; {offered}")
     missing = sorted(p.value for p in properties - info.properties)
     if missing:
         raise UnsupportedPropertyError(

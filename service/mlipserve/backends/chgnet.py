@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from ase import units
 from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import Lattice, Structure
 
+from mlipserve.backends.base import Batch
 from mlipserve.geometry import wrapped_positions
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
@@ -25,7 +24,7 @@ _BOX_MARGIN = 1.0
 
 
 class CHGNetBackend:
-    """CHGNet energies, forces, stress (GPa -> eV/Å³) and site energies.
+    """CHGNet energies, forces, stress (GPa -> eV/Å³), site energies and magnetic moments (μB).
 
     CHGNet needs a lattice for every structure. A system without a cell is boxed (each side its
     extent plus the cutoff plus a margin) with PBC off, which pymatgen's neighbour search honours, so
@@ -69,9 +68,10 @@ class CHGNetBackend:
         lattice = Lattice(cell, pbc=tuple(bool(p) for p in system.pbc))
         return Structure(lattice, system.numbers.tolist(), wrapped_positions(system), coords_are_cartesian=True)
 
-    def compute(self, systems: Sequence[System], properties: frozenset[Property]) -> list[Result]:
-        graphs = [self.model.graph_converter(self._structure(s)) for s in systems]
-        task = "efs" if Property.STRESS in properties else "ef"
+    def compute(self, batch: Batch) -> list[Result]:
+        properties = batch.properties
+        graphs = [self.model.graph_converter(self._structure(s)) for s in batch.systems]
+        task = "ef" + ("s" if Property.STRESS in properties else "") + ("m" if Property.MAGMOMS in properties else "")
         predictions = self.model.predict_graph(
             graphs,
             task=task,
@@ -80,7 +80,7 @@ class CHGNetBackend:
         )
         if isinstance(predictions, dict):
             predictions = [predictions]
-        return [self._result(s, p, properties) for s, p in zip(systems, predictions, strict=True)]
+        return [self._result(s, p, properties) for s, p in zip(batch.systems, predictions, strict=True)]
 
     def _result(self, system: System, prediction: dict, properties: frozenset[Property]) -> Result:
         result = Result()
@@ -94,4 +94,6 @@ class CHGNetBackend:
             result.stress = full_3x3_to_voigt_6_stress(np.asarray(prediction["s"], dtype=np.float64) * units.GPa)
         if Property.ENERGIES in properties:
             result.energies = np.asarray(prediction["site_energies"], dtype=np.float64)
+        if Property.MAGMOMS in properties:
+            result.magmoms = np.asarray(prediction["m"], dtype=np.float64).reshape(-1)
         return result

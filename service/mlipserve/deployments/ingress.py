@@ -77,7 +77,7 @@ class MLIPIngress:
         if info.status is not ModelStatus.AVAILABLE:
             raise ModelUnavailableError(compute.model, info.status_message)
         # The one place requests are checked against the model: a bad request never reaches it.
-        check_request(info, compute.systems, compute.properties)
+        check_request(info, compute.systems, compute.properties, compute.task)
         results = await handle.compute.remote(compute)
         return compute_pb2.ComputeResponse(
             model=compute.model,

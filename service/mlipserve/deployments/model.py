@@ -8,7 +8,7 @@ import time
 
 from ray import serve
 
-from mlipserve.backends.base import Backend, warmup_system
+from mlipserve.backends.base import Backend, Batch, warmup_system
 from mlipserve.batching import BatchPolicy, BatchQueue, BatchRecord
 from mlipserve.config import ModelConfig
 from mlipserve.errors import ModelUnavailableError
@@ -39,8 +39,8 @@ class ModelServer:
         start = time.perf_counter()
         try:
             self.backend = load_backend(config)
-            warm = warmup_system(self.backend.info)
-            self.backend.compute([warm], self.backend.info.properties)
+            info = self.backend.info
+            self.backend.compute(Batch((warmup_system(info),), info.properties, info.default_task))
         except Exception as error:  # noqa: BLE001 - reported through ListModels and health instead
             logger.exception("model %s failed to load", config.id)
             self._info = dataclasses.replace(
