@@ -86,13 +86,13 @@ def main() -> None:
     import torch
 
     from mlipserve import runtime
-    from mlipserve.config import ModelConfig, ServiceConfig
+    from mlipserve.config import DeploymentConfig, ModelConfig, ServiceConfig
     from mlipserve_client import RemoteCalculator
 
     torch.set_num_threads(args.num_cpus)
     config = ServiceConfig(models=(ModelConfig(id=args.model, backend="chgnet",
-                                               options={"version": args.model.removeprefix("chgnet-")},
-                                               num_cpus=args.num_cpus),))
+                                               options={"version": args.model.removeprefix("chgnet-")}),),
+                           deployments={"chgnet": DeploymentConfig(num_cpus=args.num_cpus)})
     port = runtime.free_port()
     t0 = time.perf_counter()
     runtime.start_ray()

@@ -51,11 +51,12 @@ def _poll_health(address: str, seen: list[str], done: threading.Event) -> None:
 def server() -> RunningServer:
     """Real Ray Serve application serving CHGNet 0.3.0 over gRPC on a free loopback port."""
     from mlipserve import runtime
-    from mlipserve.config import ModelConfig, ServiceConfig
+    from mlipserve.config import DeploymentConfig, ModelConfig, ServiceConfig
 
-    config = ServiceConfig(models=(
-        ModelConfig(id=CHGNET_ID, backend="chgnet", options={"version": "0.3.0"}, num_cpus=1),
-    ))
+    config = ServiceConfig(
+        models=(ModelConfig(id=CHGNET_ID, backend="chgnet", options={"version": "0.3.0"}),),
+        deployments={"chgnet": DeploymentConfig(num_cpus=1)},
+    )
     port = runtime.free_port()
     runtime.start_ray(num_cpus=2)
     runtime.start_serve(grpc_port=port)

@@ -33,14 +33,23 @@ def test_application_builds_from_its_args(serve_config):
     args = serve_config["applications"][0]["args"]
     assert isinstance(build_app(args), Application)
     config = ServiceConfig.from_dict(args)
-    assert [m.id for m in config.models] == ["chgnet-0.3.0"] and config.models[0].num_cpus == 2
+    assert [m.id for m in config.models] == ["chgnet-0.3.0"] and config.deployment("chgnet").num_cpus == 2
 
 
 def test_cli_reads_a_serve_config(serve_config):
     config = load_service_config(CONFIG, ["chgnet-0.3.0"], num_cpus=1)
-    assert config.models[0].num_cpus == 1 and config.models[0].options == {"version": "0.3.0"}
+    assert config.deployment("chgnet").num_cpus == 1 and config.models[0].options == {"version": "0.3.0"}
     with pytest.raises(SystemExit, match="unknown model mace"):
         load_service_config(CONFIG, ["mace"], None)
+
+
+def test_cli_picks_from_the_catalog_and_defaults_to_chgnet():
+    assert [m.id for m in load_service_config(None, None, None).models] == ["chgnet-0.3.0"]
+    config = load_service_config(None, ["sevennet-0", "chgnet-r2scan"], num_cpus=2)
+    assert set(config.families) == {"sevennet", "chgnet"}
+    assert config.deployment("sevennet").num_cpus == 2 and config.deployment("chgnet").num_cpus == 2
+    catalog = ServiceConfig.catalog()
+    assert {"chgnet-0.3.0", "mace-mp-0-small-random", "sevennet-0", "sevennet-mf-0"} <= {m.id for m in catalog.models}
 
 
 def test_unknown_keys_are_rejected_by_name():
@@ -48,3 +57,9 @@ def test_unknown_keys_are_rejected_by_name():
         ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet", "num_cpu": 2}]})
     with pytest.raises(ValueError, match="unique"):
         ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet"}] * 2})
+    with pytest.raises(ValueError, match=r"deployments\[chgnet\]: unknown keys gpus"):
+        ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet"}], "deployments": {"chgnet": {"gpus": 1}}})
+    with pytest.raises(ValueError, match=r"batching: unknown keys wait_ms"):
+        ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet", "batching": {"wait_ms": 1}}]})
+    with pytest.raises(ValueError, match="without models: mace"):
+        ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet"}], "deployments": {"mace": {}}})

@@ -20,26 +20,33 @@ GRPC_SERVICER_FUNCTIONS = (
 )
 
 
-def deployment_name(model_id: str) -> str:
-    return f"model:{model_id}"
+def deployment_name(family: str) -> str:
+    return f"family:{family}"
+
+
+def _family_deployment(config: ServiceConfig, family: str):
+    deployment = config.deployment(family)
+    actor_options = {"num_cpus": deployment.num_cpus, "num_gpus": deployment.num_gpus}
+    if deployment.runtime_env:
+        actor_options["runtime_env"] = dict(deployment.runtime_env)
+    scaling = ({"autoscaling_config": dict(deployment.autoscaling)} if deployment.autoscaling
+               else {"num_replicas": deployment.num_replicas})
+    return ModelServer.options(
+        name=deployment_name(family),
+        max_ongoing_requests=deployment.max_ongoing_requests,
+        ray_actor_options=actor_options,
+        **scaling,
+    ).bind(family, config.families[family], deployment)
 
 
 def build(config: ServiceConfig) -> Application:
-    models = {
-        m.id: ModelServer.options(
-            name=deployment_name(m.id),
-            num_replicas=m.num_replicas,
-            max_ongoing_requests=m.max_ongoing_requests,
-            ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-        ).bind(m)
-        for m in config.models
-    }
+    families = {family: _family_deployment(config, family) for family in config.families}
     return MLIPIngress.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         # The ingress only parses and routes; it must not take a CPU a model could use.
         ray_actor_options={"num_cpus": 0},
-    ).bind(config, models)
+    ).bind(config, families)
 
 
 def build_app(args: Mapping[str, Any]) -> Application:

@@ -1,10 +1,19 @@
-"""Assembles requests for one model into batches and runs them on one compute thread.
+"""Assembles requests for one model into batches sized by cost, and runs them on compute threads.
 
-Knows nothing of gRPC, Ray or a concrete model: it is given a function that evaluates a Batch.
-Requests for the same task are merged until the batch holds ``max_batch_atoms`` atoms or the first
-request has waited ``max_wait_s``; one request's systems are never split across batches. Each request
-gets its own results; if a merged batch fails, its requests are retried one by one so a bad system
-fails only the request that sent it.
+Knows nothing of gRPC, Ray or a concrete model: it is given a function that evaluates a Batch and a
+function that estimates a system's cost ("work", in the backend's units: ~ atoms + neighbour pairs).
+
+- Requests for the same task are merged until the batch's work reaches the budget or the first
+  request has waited ``max_wait_s``; one request's systems are never split across queued batches.
+  A budget of 0 never merges.
+- Requests above ``large_system_atoms`` run on a lane (thread) of their own, one at a time, so a
+  10^5-atom system never holds up the small ones behind it.
+- A batch that does not fit the device (DeviceOutOfMemory) is split in halves and retried, down to
+  single systems; the queue learns the device's capacity (work that fits) and keeps batches below
+  it from then on. A single system that does not fit fails its request with SystemTooLargeError.
+- Any other failure of a merged batch reruns its requests one by one, so a bad system fails only the
+  request that sent it.
+- More queued work than ``max_queued_work`` answers ServerBusyError with a retry hint.
 """
 
 from __future__ import annotations
@@ -12,154 +21,265 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mlipserve.backends.base import Batch
-from mlipserve.errors import ServerBusyError
-from mlipserve_client.types import ComputeRequest, Property, Result
+from mlipserve.errors import DeviceOutOfMemory, ServerBusyError, SystemTooLargeError
+from mlipserve_client.types import ComputeRequest, Property, Result, System
 
 logger = logging.getLogger("mlipserve.batching")
 
 EvaluateFn = Callable[[Batch], list[Result]]
+CostFn = Callable[[System], float]
+# Halving a batch more often than this means even single systems do not fit.
+MAX_SPLIT_DEPTH = 16
 
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    max_batch_atoms: int = 0  # 0: every request is its own batch
-    max_wait_s: float = 0.0
-    max_queued_atoms: int = 1_000_000  # beyond this, submit() answers ServerBusyError
+    budget: float  # work per batch; 0: every request is its own batch
+    max_wait_s: float = 0.005
+    max_queued_work: float = 5e7
+    large_system_atoms: int = 5000
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One executed forward pass: what it held and how long it took."""
+
+    lane: str
+    n_requests: int
+    n_systems: int
+    n_atoms: int
+    work: float
+    seconds: float
+
+
+class BatchObserver(Protocol):
+    """Receives what a BatchQueue does, e.g. to publish metrics."""
+
+    def batch_done(self, record: BatchRecord) -> None: ...
+
+    def capacity_learned(self, capacity: float, budget: float) -> None: ...
+
+    def queue_changed(self, queued_work: float) -> None: ...
 
 
 @dataclass(eq=False)
 class PendingRequest:
     request: ComputeRequest
+    work: float
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
 
+
+@dataclass(frozen=True, eq=False)
+class _Unit:
+    """One system of one pending request: what a split works on."""
+
+    pending: PendingRequest
+    index: int  # in pending.request.systems
+
     @property
-    def n_atoms(self) -> int:
-        return self.request.n_atoms
+    def system(self) -> System:
+        return self.pending.request.systems[self.index]
 
 
-@dataclass(frozen=True)
-class BatchRecord:
-    """What one executed batch held; kept for metrics and tests of merging."""
-
-    n_requests: int
-    n_systems: int
-    n_atoms: int
-    seconds: float
+class _Lane:
+    def __init__(self, name: str, executor: Executor) -> None:
+        self.name = name
+        self.executor = executor
+        self.pending: collections.deque[PendingRequest] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task | None = None
 
 
 class BatchQueue:
-    """A queue of compute requests for one model, drained by one task into one compute thread."""
+    """The queue of compute requests for one model."""
 
-    def __init__(self, model_id: str, evaluate: EvaluateFn, policy: BatchPolicy, history: int = 1000) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        evaluate: EvaluateFn,
+        cost: CostFn,
+        policy: BatchPolicy,
+        small_lane: Executor,
+        large_lane: Executor,
+        observer: BatchObserver | None = None,
+        capacity: float = math.inf,
+        history: int = 2000,
+    ) -> None:
         self.model_id = model_id
         self.policy = policy
+        # Work known to fit the device in one pass; learned from out-of-memory failures.
+        self.capacity = capacity
+        self.budget = min(policy.budget, capacity)
         self._evaluate = evaluate
-        self._pending: collections.deque[PendingRequest] = collections.deque()
-        self._queued_atoms = 0
-        self._wakeup = asyncio.Event()
-        # One thread: torch already uses every core it was given; two batches at once would only
-        # contend for them. The event loop stays free to accept and validate requests meanwhile.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{model_id}")
+        self._cost = cost
+        self._observer = observer
+        self._lanes = {"small": _Lane("small", small_lane), "large": _Lane("large", large_lane)}
+        self._queued_work = 0.0
+        self._work_per_s: float | None = None
+        self._closed = False
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
-        self._task: asyncio.Task | None = None
 
     @property
-    def queued_atoms(self) -> int:
-        return self._queued_atoms
+    def queued_work(self) -> float:
+        return self._queued_work
 
     async def submit(self, request: ComputeRequest) -> list[Result]:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name=f"batch-{self.model_id}")
-        if self._queued_atoms and self._queued_atoms + request.n_atoms > self.policy.max_queued_atoms:
-            raise ServerBusyError(self.model_id, self._queued_atoms, retry_after_s=1.0)
-        pending = PendingRequest(request, asyncio.get_running_loop().create_future())
-        self._pending.append(pending)
-        self._queued_atoms += pending.n_atoms
-        self._wakeup.set()
+        work = sum(self._cost(s) for s in request.systems)
+        if self._queued_work and self._queued_work + work > self.policy.max_queued_work:
+            raise ServerBusyError(self.model_id, self._queued_work_atoms(), retry_after_s=self._retry_after())
+        lane = self._lanes["large" if request.n_atoms > self.policy.large_system_atoms else "small"]
+        loop = asyncio.get_running_loop()
+        self._closed = False
+        if lane.task is None or lane.task.done():
+            lane.task = loop.create_task(self._drain(lane), name=f"batch-{self.model_id}-{lane.name}")
+        pending = PendingRequest(request, work, loop.create_future())
+        lane.pending.append(pending)
+        self._add_queued(work)
+        lane.wakeup.set()
         return await pending.future
 
-    def _pop(self) -> PendingRequest | None:
-        while self._pending:
-            pending = self._pending.popleft()
-            self._queued_atoms -= pending.n_atoms
+    def _queued_work_atoms(self) -> int:
+        return sum(p.request.n_atoms for lane in self._lanes.values() for p in lane.pending)
+
+    def _retry_after(self) -> float:
+        if not self._work_per_s:
+            return 1.0
+        return min(30.0, max(0.1, self._queued_work / self._work_per_s))
+
+    def _add_queued(self, work: float) -> None:
+        self._queued_work += work
+        if self._observer:
+            self._observer.queue_changed(self._queued_work)
+
+    def _pop(self, lane: _Lane) -> PendingRequest | None:
+        while lane.pending:
+            pending = lane.pending.popleft()
+            self._add_queued(-pending.work)
             if not pending.future.done():  # skip requests whose caller gave up (deadline, cancel)
                 return pending
         return None
 
-    async def _next_batch(self) -> list[PendingRequest]:
+    def close(self) -> None:
+        """Stop the lanes once their queued requests are done (a model evicted from a replica)."""
+        self._closed = True
+        for lane in self._lanes.values():
+            lane.wakeup.set()
+
+    async def _next_batch(self, lane: _Lane) -> list[PendingRequest] | None:
         while True:
-            first = self._pop()
+            first = self._pop(lane)
             if first is not None:
                 break
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        batch, atoms = [first], first.n_atoms
+            if self._closed:
+                return None
+            lane.wakeup.clear()
+            await lane.wakeup.wait()
+        batch, work = [first], first.work
+        if lane.name == "large":
+            return batch
         deadline = first.enqueued_at + self.policy.max_wait_s
-        while atoms < self.policy.max_batch_atoms:
-            if not self._pending:
+        while work < self.budget:
+            if not lane.pending:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
+                lane.wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    await asyncio.wait_for(lane.wakeup.wait(), remaining)
                 except TimeoutError:
                     break
                 continue
-            following = self._pending[0]
-            if following.request.task != first.request.task or atoms + following.n_atoms > self.policy.max_batch_atoms:
+            following = lane.pending[0]
+            if following.request.task != first.request.task or work + following.work > self.budget:
                 break
-            nxt = self._pop()
+            nxt = self._pop(lane)
             if nxt is not None:
                 batch.append(nxt)
-                atoms += nxt.n_atoms
+                work += nxt.work
         return batch
 
-    async def _drain(self) -> None:
+    async def _drain(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
+        while (batch := await self._next_batch(lane)) is not None:
             try:
-                await loop.run_in_executor(self._executor, self._run, batch)
-            except Exception:  # noqa: BLE001 - _run sets every error on its futures; this is a bug guard
+                await loop.run_in_executor(lane.executor, self._run, batch, lane.name)
+            except Exception:  # noqa: BLE001 - _run settles every future itself; this guards against bugs
                 logger.exception("batch of %d requests failed outside evaluation", len(batch))
+                for pending in batch:
+                    self._settle(pending, error=RuntimeError("internal batching failure"))
 
-    def _run(self, batch: list[PendingRequest]) -> None:
-        """Evaluate a batch on the compute thread and resolve its futures on the event loop."""
-        start = time.perf_counter()
-        systems = tuple(s for p in batch for s in p.request.systems)
+    # --- on the compute thread -------------------------------------------------------------------
+
+    def _run(self, batch: list[PendingRequest], lane: str) -> None:
+        units = [_Unit(p, k) for p in batch for k in range(len(p.request.systems))]
         properties = frozenset().union(*(p.request.properties for p in batch))
+        start = time.perf_counter()
         try:
-            results = self._evaluate(Batch(systems, properties, batch[0].request.task))
-            if len(results) != len(systems):
-                raise RuntimeError(f"backend returned {len(results)} results for {len(systems)} systems")
-        except Exception as error:  # noqa: BLE001 - isolate the failing request below
+            results = self._evaluate_units(units, properties, batch[0].request.task, depth=0)
+        except Exception as error:  # noqa: BLE001 - isolated below: a request fails alone
             if len(batch) == 1:
-                self._resolve(batch[0], error=error)
+                self._settle(batch[0], error=error)
                 return
             logger.info("merged batch of %d requests failed (%s); retrying one by one", len(batch), error)
             for pending in batch:
-                self._run([pending])
+                self._run([pending], lane)
             return
-        self.history.append(BatchRecord(len(batch), len(systems), sum(s.n_atoms for s in systems),
-                                        time.perf_counter() - start))
-        offset = 0
+        seconds = time.perf_counter() - start
+        work = sum(p.work for p in batch)
+        self._record(BatchRecord(lane, len(batch), len(units), sum(p.request.n_atoms for p in batch), work, seconds))
+        by_request: dict[int, list[Result]] = collections.defaultdict(list)
+        for unit, result in zip(units, results, strict=True):
+            by_request[id(unit.pending)].append(_only(result, unit.pending.request.properties))
         for pending in batch:
-            n = len(pending.request.systems)
-            own = [_only(r, pending.request.properties) for r in results[offset:offset + n]]
-            offset += n
-            self._resolve(pending, results=own)
+            self._settle(pending, results=by_request[id(pending)])
+
+    def _evaluate_units(self, units: list[_Unit], properties: frozenset[Property], task: str, depth: int) -> list[Result]:
+        work = sum(self._cost(u.system) for u in units)
+        if work <= self.capacity or len(units) == 1:
+            try:
+                results = self._evaluate(Batch(tuple(u.system for u in units), properties, task))
+            except DeviceOutOfMemory as error:
+                self._learn_capacity(error.capacity if error.capacity is not None else work / 2)
+                if len(units) == 1 or depth >= MAX_SPLIT_DEPTH:
+                    unit = units[0]
+                    limit = int(unit.system.n_atoms * min(self.capacity, work) / work) if work else 0
+                    raise SystemTooLargeError(f"systems[{unit.index}]", unit.system.n_atoms, limit) from error
+                logger.warning("model %s: batch of %d systems (work %.3g) did not fit (%s); splitting",
+                               self.model_id, len(units), work, error.detail)
+            else:
+                if len(results) != len(units):
+                    raise RuntimeError(f"backend returned {len(results)} results for {len(units)} systems")
+                return results
+        half = len(units) // 2
+        return (self._evaluate_units(units[:half], properties, task, depth + 1)
+                + self._evaluate_units(units[half:], properties, task, depth + 1))
+
+    def _learn_capacity(self, fits: float) -> None:
+        if fits < self.capacity:
+            self.capacity = fits
+            self.budget = min(self.budget, fits)
+            if self._observer:
+                self._observer.capacity_learned(fits, self.budget)
+
+    def _record(self, record: BatchRecord) -> None:
+        self.history.append(record)
+        rate = record.work / record.seconds if record.seconds > 0 else None
+        if rate:
+            self._work_per_s = rate if self._work_per_s is None else 0.8 * self._work_per_s + 0.2 * rate
+        if self._observer:
+            self._observer.batch_done(record)
 
     @staticmethod
-    def _resolve(pending: PendingRequest, results: list[Result] | None = None,
-                 error: BaseException | None = None) -> None:
+    def _settle(pending: PendingRequest, results: list[Result] | None = None, error: BaseException | None = None) -> None:
         def settle() -> None:
             if pending.future.done():
                 return
@@ -169,11 +289,6 @@ class BatchQueue:
                 pending.future.set_result(results)
 
         pending.future.get_loop().call_soon_threadsafe(settle)
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _only(result: Result, properties: frozenset[Property]) -> Result:

@@ -19,9 +19,9 @@ DEFAULT_ADDRESS = f"localhost:{DEFAULT_GRPC_PORT}"
 
 
 def load_service_config(path: Path | None, model_ids: list[str] | None, num_cpus: float | None) -> ServiceConfig:
-    """The config file's models (a ServiceConfig mapping, or a serve config YAML whose first
-    application has ``args``), narrowed to ``model_ids`` and given ``num_cpus`` per replica."""
-    config = ServiceConfig()
+    """The models to serve: from ``path`` (a models config, or a serve config YAML whose first
+    application has ``args``; all its models by default) or else from the built-in catalog
+    (chgnet-0.3.0 by default), narrowed to ``model_ids``, with ``num_cpus`` per replica if given."""
     if path is not None:
         import yaml
 
@@ -29,15 +29,18 @@ def load_service_config(path: Path | None, model_ids: list[str] | None, num_cpus
         if "applications" in data:
             data = data["applications"][0].get("args") or {}
         config = ServiceConfig.from_dict(data)
-    models = config.models
+    else:
+        config = ServiceConfig.catalog()
+        model_ids = model_ids or [DEFAULT_MODEL_ID]
     if model_ids:
-        unknown = [m for m in model_ids if config.model(m) is None]
-        if unknown:
-            raise SystemExit(f"unknown model {', '.join(unknown)}; configured: {', '.join(m.id for m in models)}")
-        models = tuple(config.model(m) for m in model_ids)
+        try:
+            config = config.select(model_ids)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     if num_cpus is not None:
-        models = tuple(dataclasses.replace(m, num_cpus=num_cpus) for m in models)
-    return dataclasses.replace(config, models=models)
+        config = dataclasses.replace(config, deployments={
+            f: dataclasses.replace(config.deployment(f), num_cpus=num_cpus) for f in config.families})
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -111,9 +114,11 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start a local Ray with the service (default: CHGNet 0.3.0)",
                            description="Start an embedded local Ray instance serving the models over gRPC.")
     serve.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
-    serve.add_argument("--config", type=Path, help="models config YAML (or a serve config YAML)")
+    serve.add_argument("--config", type=Path,
+                       help="models config YAML (or a serve config YAML); default: the built-in catalog")
     serve.add_argument("--model", action="append", metavar="ID",
-                       help=f"serve only this model from the config (repeatable; default: all, i.e. {DEFAULT_MODEL_ID})")
+                       help=f"serve this model (repeatable); default: all models of --config, or {DEFAULT_MODEL_ID} "
+                            "from the catalog")
     serve.add_argument("--num-cpus", type=float, help="CPUs (= torch threads) per model replica")
     serve.set_defaults(func=cmd_serve)
 

@@ -1,67 +1,103 @@
-"""Typed configuration: which models to serve and how, as read from a serve config or the CLI."""
+"""Typed configuration: which models to serve and how, as read from a serve config, a models catalog
+or the CLI. Unknown keys are errors that name the key, so a typo never silently falls back."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
-ENV_PREFIX = "MLIPSERVE_"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_MODEL_ID = "chgnet-0.3.0"
 
 
-def env_int(name: str, default: int) -> int:
-    """An integer knob from the environment variable MLIPSERVE_<name>."""
-    raw = os.environ.get(ENV_PREFIX + name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name}={raw!r} is not an integer") from None
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How a model's requests are merged into forward passes (see mlipserve.batching)."""
+
+    # Longest a request waits for others to join its batch (ms).
+    max_wait_ms: float = 5.0
+    # Work budget of one batch (the backend's cost units, ~ atoms + neighbour pairs). None: measured
+    # at start-up by the probe; 0: never merge requests.
+    budget: float | None = None
+    # The probe picks the batch size with the best throughput whose latency stays under this (ms).
+    max_batch_latency_ms: float = 1000.0
+    # Work queued per model beyond which requests are refused (RESOURCE_EXHAUSTED with a retry hint).
+    max_queued_work: float = 5e7
+    # CPU only: memory one batch may take (MB), from the probe's measured memory per unit of work; a
+    # batch predicted above it is split like a GPU batch that ran out of memory. None: no ceiling.
+    memory_limit_mb: float | None = None
+    # A request above this many atoms runs on its own lane so it never holds up small ones.
+    large_system_atoms: int = 5000
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BatchingConfig:
+        return _from_dict(cls, data, "batching")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One served model: its id, which backend builds it, and the resources of its replicas."""
+    """One served model: its id and how its backend builds it."""
 
     id: str
+    # Backend family: "chgnet", "mace", "sevennet", "fairchem", or a plugin's entry-point name.
     backend: str
     # Keyword arguments of the backend's constructor (version, checkpoint path, dtype, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
-    device: str = "cpu"
+    # Overrides the deployment's device for this model.
+    device: str | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        data = dict(data)
+        if "batching" in data:
+            data["batching"] = BatchingConfig.from_dict(data["batching"] or {})
+        return _from_dict(cls, data, f"models[{data.get('id', '?')}]")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    """Resources of one backend family's Serve deployment; its models are multiplexed on it."""
+
     num_replicas: int = 1
     # CPUs reserved per replica; torch in the replica uses this many threads.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    device: str = "cpu"
     # Requests a replica holds at once: enough that batches can fill while one is computing.
-    max_ongoing_requests: int = 64
-    max_batch_atoms: int = 0
-    max_wait_ms: float = 0.0
-    max_queued_atoms: int = 1_000_000
+    max_ongoing_requests: int = 256
+    # Models of the family loaded at once per replica (LRU); a request for another loads it.
+    max_models_per_replica: int = 3
+    # Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...);
+    # replaces num_replicas when given.
+    autoscaling: Mapping[str, Any] | None = None
+    # Ray runtime_env of the replicas (e.g. pip packages of a family that needs its own environment).
+    runtime_env: Mapping[str, Any] | None = None
 
     @property
     def torch_threads(self) -> int:
         return max(1, int(self.num_cpus))
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data, "models[]")
+    def from_dict(cls, data: Mapping[str, Any], family: str) -> DeploymentConfig:
+        return _from_dict(cls, data, f"deployments[{family}]")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """The whole application: the models and the ingress in front of them."""
+    """The whole application: the models, their families' deployments, and the ingress."""
 
     models: tuple[ModelConfig, ...] = (
         ModelConfig(id=DEFAULT_MODEL_ID, backend="chgnet", options={"version": "0.3.0"}),
     )
+    # Per backend family; a family without an entry gets DeploymentConfig().
+    deployments: Mapping[str, DeploymentConfig] = field(default_factory=dict)
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 1000
-    # How long the ingress waits for a model's readiness answer in a health check.
+    # How long the ingress waits for a model's readiness answer in a health check or ListModels (s).
     health_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -71,19 +107,50 @@ class ServiceConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"model ids must be unique; repeated: {', '.join(duplicates)}")
+        unused = sorted(set(self.deployments) - set(self.families))
+        if unused:
+            raise ValueError(f"deployments for families without models: {', '.join(unused)}")
+
+    @property
+    def families(self) -> dict[str, tuple[ModelConfig, ...]]:
+        """Backend family -> its models, in config order."""
+        out: dict[str, list[ModelConfig]] = {}
+        for model in self.models:
+            out.setdefault(model.backend, []).append(model)
+        return {family: tuple(models) for family, models in out.items()}
+
+    def deployment(self, family: str) -> DeploymentConfig:
+        return self.deployments.get(family, DeploymentConfig())
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def select(self, model_ids: list[str]) -> ServiceConfig:
+        """This config narrowed to ``model_ids`` (in that order)."""
+        unknown = [m for m in model_ids if self.model(m) is None]
+        if unknown:
+            raise ValueError(f"unknown model {', '.join(unknown)}; configured: {', '.join(m.id for m in self.models)}")
+        models = tuple(self.model(m) for m in model_ids)
+        families = {m.backend for m in models}
+        return dataclasses.replace(self, models=models,
+                                   deployments={f: d for f, d in self.deployments.items() if f in families})
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServiceConfig:
         data = dict(data)
         if "models" in data:
             data["models"] = tuple(ModelConfig.from_dict(m) for m in data["models"])
+        if "deployments" in data:
+            data["deployments"] = {f: DeploymentConfig.from_dict(d or {}, f) for f, d in data["deployments"].items()}
         return _from_dict(cls, data, "config")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @classmethod
+    def catalog(cls) -> ServiceConfig:
+        """Every model mlipserve can serve out of the box (service/mlipserve/models.yaml)."""
+        import yaml
+
+        text = resources.files("mlipserve").joinpath("models.yaml").read_text()
+        return cls.from_dict(yaml.safe_load(text))
 
 
 def _from_dict(cls, data: Mapping[str, Any], where: str):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from mlipserve_client.errors import InvalidSystemError
 
 __all__ = [
+    "DeviceOutOfMemory",
     "InvalidSystemError",
     "ModelNotFoundError",
     "ModelUnavailableError",
@@ -36,6 +37,14 @@ class ModelNotFoundError(LookupError):
 
     def __reduce__(self):
         return type(self), (self.model, self.available)
+
+
+class UnknownHealthServiceError(ModelNotFoundError):
+    """A health check named a service this server does not have."""
+
+    def __init__(self, model: str, available: Sequence[str]) -> None:
+        super().__init__(model, available)
+        self.args = (f"unknown health service {model!r}; known: {', '.join(self.available)}",)
 
 
 class ModelUnavailableError(RuntimeError):
@@ -76,3 +85,17 @@ class SystemTooLargeError(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.field, self.n_atoms, self.limit)
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """A batch did not fit the device: CUDA ran out of memory, or on CPU the batch's predicted memory
+    exceeded the configured ceiling. The batcher splits the batch and retries."""
+
+    def __init__(self, work: float, detail: str, capacity: float | None = None) -> None:
+        self.work = work
+        self.detail = detail
+        self.capacity = capacity  # the work that would fit, where known (CPU ceiling)
+        super().__init__(f"batch of work {work:.3g} does not fit the device: {detail}")
+
+    def __reduce__(self):
+        return type(self), (self.work, self.detail, self.capacity)

@@ -26,9 +26,9 @@ def backend_class(name: str) -> type:
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(known)}")
 
 
-def load_backend(config: ModelConfig) -> Backend:
-    """Build the backend of ``config`` (loads weights: call once per replica)."""
-    backend = backend_class(config.backend)(model_id=config.id, device=config.device, **config.options)
+def load_backend(config: ModelConfig, device: str) -> Backend:
+    """Build the backend of ``config`` on ``device`` (loads weights: call once per replica)."""
+    backend = backend_class(config.backend)(model_id=config.id, device=device, **config.options)
     if not isinstance(backend, Backend):
         raise TypeError(f"backend {config.backend!r} does not implement mlipserve.backends.base.Backend")
     return backend

@@ -7,7 +7,7 @@ gRPC, Ray or batching policy: it is handed a Batch of systems (already validated
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -15,6 +15,7 @@ import numpy as np
 from ase.data import chemical_symbols
 
 from mlipserve.errors import InvalidSystemError, UnsupportedElementError, UnsupportedPropertyError
+from mlipserve.cost import pair_work
 from mlipserve.geometry import check_geometry
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
@@ -34,7 +35,11 @@ class Batch:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A loaded model. ``info`` describes it (its ``id`` and ``status`` are set by the server)."""
+    """A loaded model. ``info`` describes it (its ``id`` and ``status`` are set by the server).
+
+    A backend may also define ``cost(system) -> float``, the work a system is for it (see
+    mlipserve.cost); batch budgets count it. Without one, atoms plus neighbour pairs are counted.
+    """
 
     @property
     def info(self) -> ModelInfo: ...
@@ -70,6 +75,15 @@ def check_request(info: ModelInfo, systems: Sequence[System], properties: frozen
                 f"model {info.id!r} was not trained on {', '.join(elements)} (atoms {shown})",
             )
         check_geometry(system, f"systems[{i}]", info.cutoff)
+
+
+def cost_function(backend: Backend) -> Callable[[System], float]:
+    """The backend's own ``cost(system)`` if it has one, else atoms plus neighbour pairs."""
+    own = getattr(backend, "cost", None)
+    if callable(own):
+        return own
+    cutoff = backend.info.cutoff
+    return lambda system: pair_work(system, cutoff)
 
 
 def warmup_system(info: ModelInfo) -> System:

@@ -8,6 +8,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from pymatgen.core import Lattice, Structure
 
 from mlipserve.backends.base import Batch
+from mlipserve.cost import angle_work
 from mlipserve.geometry import wrapped_positions
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
@@ -59,6 +60,10 @@ class CHGNetBackend:
     @property
     def info(self) -> ModelInfo:
         return self._info
+
+    def cost(self, system: System) -> float:
+        """Atoms, neighbour pairs and, what dominates CHGNet's memory, its three-body angles."""
+        return angle_work(system, self.cutoff, float(self.model.graph_converter.bond_graph_cutoff))
 
     def _structure(self, system: System) -> Structure:
         cell = system.cell

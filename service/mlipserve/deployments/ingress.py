@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mlipserve.backends.base import check_request
 from mlipserve.config import ServiceConfig
-from mlipserve.errors import ModelNotFoundError, ModelUnavailableError
+from mlipserve.errors import ModelNotFoundError, ModelUnavailableError, UnknownHealthServiceError
 from mlipserve.status import grpc_method, status_for
 from mlipserve_client import convert
 from mlipserve_client.client import SERVICE_NAME
@@ -34,37 +34,53 @@ _WATCH_INTERVAL_S = 1.0
 
 @serve.deployment
 class MLIPIngress:
-    def __init__(self, config: ServiceConfig, models: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: ServiceConfig, families: dict[str, DeploymentHandle]) -> None:
         self.config = config
-        self.models = models
+        self.families = families
+        self.family_of = {m.id: m.backend for m in config.models}
+        # Handles that route to a replica where the model is resident (Serve's model multiplexing).
+        self._routes = {m: families[f].options(multiplexed_model_id=m) for m, f in self.family_of.items()}
         # Metadata of models that answered AVAILABLE: fixed for the life of their deployment.
         self._available: dict[str, ModelInfo] = {}
 
     # --- routing ---------------------------------------------------------------------------------
 
     def _handle(self, model_id: str) -> DeploymentHandle:
-        handle = self.models.get(model_id)
+        handle = self._routes.get(model_id)
         if handle is None:
-            raise ModelNotFoundError(model_id, list(self.models))
+            raise ModelNotFoundError(model_id, list(self.family_of))
         return handle
 
+    async def _family_infos(self, family: str, timeout_s: float | None) -> dict[str, ModelInfo]:
+        """Metadata and status of a family's models, waiting at most ``timeout_s`` for a starting
+        replica (then LOADING). Never raises: the status says what is wrong."""
+        models = [m.id for m in self.config.families[family]]
+        if all(m in self._available for m in models):
+            return {m: self._available[m] for m in models}
+        try:
+            infos = await asyncio.wait_for(self.families[family].info.remote(), timeout_s)
+        except TimeoutError:
+            infos = {m: ModelInfo(id=m, architecture=family, status=ModelStatus.LOADING,
+                                  status_message="the model's replica is starting") for m in models}
+        except Exception as error:  # noqa: BLE001 - reported as the models' status
+            _, message = status_for(error)
+            infos = {m: ModelInfo(id=m, architecture=family, status=ModelStatus.UNAVAILABLE, status_message=message)
+                     for m in models}
+        for model_id, info in infos.items():
+            if info.status is ModelStatus.AVAILABLE:
+                self._available[model_id] = info
+        return infos
+
     async def _info(self, model_id: str, timeout_s: float | None = None) -> ModelInfo:
-        """A model's metadata and status, waiting at most ``timeout_s`` for a starting replica
-        (then LOADING). Never raises: the status says what is wrong."""
         if model_id in self._available:
             return self._available[model_id]
-        placeholder = ModelInfo(id=model_id, architecture=self.config.model(model_id).backend)
-        try:
-            info = await asyncio.wait_for(self.models[model_id].info.remote(), timeout_s)
-        except TimeoutError:
-            return dataclasses.replace(placeholder, status=ModelStatus.LOADING,
-                                       status_message="the model's replica is starting")
-        except Exception as error:  # noqa: BLE001 - reported as the model's status
-            _, message = status_for(error)
-            return dataclasses.replace(placeholder, status=ModelStatus.UNAVAILABLE, status_message=message)
-        if info.status is ModelStatus.AVAILABLE:
-            self._available[model_id] = info
-        return info
+        return (await self._family_infos(self.family_of[model_id], timeout_s))[model_id]
+
+    async def _all_infos(self) -> list[ModelInfo]:
+        per_family = await asyncio.gather(
+            *(self._family_infos(f, self.config.health_timeout_s) for f in self.families))
+        merged = {k: v for infos in per_family for k, v in infos.items()}
+        return [merged[m.id] for m in self.config.models]
 
     # --- mlipserve.v1.MLIPService ----------------------------------------------------------------
 
@@ -87,7 +103,7 @@ class MLIPIngress:
 
     @grpc_method(models_pb2.ListModelsResponse)
     async def ListModels(self, request: models_pb2.ListModelsRequest, grpc_context) -> models_pb2.ListModelsResponse:
-        infos = await asyncio.gather(*(self._info(m, self.config.health_timeout_s) for m in self.models))
+        infos = await self._all_infos()
         return models_pb2.ListModelsResponse(models=[convert.model_info_to_proto(i) for i in infos])
 
     @grpc_method(models_pb2.GetModelResponse)
@@ -102,12 +118,11 @@ class MLIPIngress:
         """"" and the API's name: SERVING once no model is loading and one is available.
         "<API name>/<model id>": that model alone."""
         if service in ("", SERVICE_NAME):
-            infos = await asyncio.gather(*(self._info(m, self.config.health_timeout_s) for m in self.models))
-            statuses = {i.status for i in infos}
+            statuses = {i.status for i in await self._all_infos()}
             ready = ModelStatus.LOADING not in statuses and ModelStatus.AVAILABLE in statuses
             return SERVING if ready else NOT_SERVING
         prefix = SERVICE_NAME + "/"
-        if service.startswith(prefix) and service[len(prefix):] in self.models:
+        if service.startswith(prefix) and service[len(prefix):] in self.family_of:
             info = await self._info(service[len(prefix):], self.config.health_timeout_s)
             return SERVING if info.status is ModelStatus.AVAILABLE else NOT_SERVING
         return SERVICE_UNKNOWN
@@ -116,7 +131,7 @@ class MLIPIngress:
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
         status = await self._health(request.service)
         if status == SERVICE_UNKNOWN:
-            raise ModelNotFoundError(request.service, [SERVICE_NAME] + [f"{SERVICE_NAME}/{m}" for m in self.models])
+            raise UnknownHealthServiceError(request.service, [SERVICE_NAME] + [f"{SERVICE_NAME}/{m}" for m in self.family_of])
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context):
