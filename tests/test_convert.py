@@ -42,7 +42,8 @@ def test_molecule_without_cell_travels_without_cell():
 
 def test_result_round_trip():
     result = Result(energy=-1.5, forces=np.arange(6.0).reshape(2, 3), stress=np.arange(6.0) / 7,
-                    energies=np.array([-1.0, -0.5]), magmoms=np.array([0.25, 2.0]))
+                    energies=np.array([-1.0, -0.5]), magmoms=np.array([0.25, 2.0]), charges=np.array([0.5, -0.5]),
+                    corrections={"d3(bj)-pbe": -0.25, "electrostatics(pme, qeq)": -1.0})
     wire = compute_pb2.SystemResult.FromString(convert.result_to_proto(result).SerializeToString())
     back = convert.result_from_proto(wire, n_atoms=2)
     assert back.energy == -1.5
@@ -50,6 +51,8 @@ def test_result_round_trip():
     np.testing.assert_array_equal(back.stress, result.stress)
     np.testing.assert_array_equal(back.energies, result.energies)
     np.testing.assert_array_equal(back.magmoms, result.magmoms)
+    np.testing.assert_array_equal(back.charges, result.charges)
+    assert list(back.corrections.items()) == list(result.corrections.items())
     assert convert.result_from_proto(compute_pb2.SystemResult(), n_atoms=2).energy is None
 
 
@@ -63,10 +66,30 @@ def test_request_round_trip_and_default_properties():
     assert convert.compute_request_from_proto(message).properties == {Property.ENERGY, Property.FORCES}
 
 
+def test_corrections_round_trip_and_defaults():
+    from mlipserve_client.types import Dispersion, Electrostatics
+
+    corrections = (Electrostatics("pme", "qeq", 4.5), Dispersion("r2scan", "zero", 30.0), Electrostatics(), Dispersion())
+    request = ComputeRequest("m", (convert.system_from_atoms(bulk("Si")),), corrections=corrections)
+    back = convert.compute_request_from_proto(
+        compute_pb2.ComputeRequest.FromString(convert.compute_request_to_proto(request).SerializeToString()))
+    assert back.corrections == corrections
+    assert [c.name for c in back.corrections] == ["electrostatics(pme, qeq)", "d3(zero)-r2scan",
+                                                  "electrostatics(auto, auto)", "d3(bj)-pbe"]
+    empty = compute_pb2.Correction(dispersion=compute_pb2.Dispersion())
+    assert convert.correction_from_proto(empty, "c") == Dispersion("pbe", "bj", None)
+    with pytest.raises(InvalidSystemError, match=r"corrections\[0\].electrostatics.exclusion_radius"):
+        bad = compute_pb2.Correction(electrostatics=compute_pb2.Electrostatics(exclusion_radius=-1))
+        convert.correction_from_proto(bad, "corrections[0]")
+    with pytest.raises(InvalidSystemError, match="electrostatics or dispersion"):
+        convert.correction_from_proto(compute_pb2.Correction(), "corrections[2]")
+
+
 def test_model_info_round_trip():
     info = ModelInfo(id="x", architecture="CHGNet", version="0.3.0", cutoff=6.0, elements=(1, 8), num_parameters=5,
                      properties=frozenset(Property), status=ModelStatus.LOADING, status_message="warming up",
-                     tasks=("omat", "omol"), default_task="omat")
+                     tasks=("omat", "omol"), default_task="omat",
+                     corrections=(convert.Electrostatics(), convert.Dispersion()))
     assert convert.model_info_from_proto(
         models_pb2.ModelInfo.FromString(convert.model_info_to_proto(info).SerializeToString())) == info
 

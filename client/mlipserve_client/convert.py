@@ -17,6 +17,9 @@ from mlipserve_client.types import (
     ARRAY_PROPERTIES,
     DEFAULT_PROPERTIES,
     ComputeRequest,
+    Correction,
+    Dispersion,
+    Electrostatics,
     ModelInfo,
     ModelStatus,
     Property,
@@ -32,6 +35,7 @@ _PROPERTY_TO_PROTO = {
     Property.STRESS: compute_pb2.PROPERTY_STRESS,
     Property.ENERGIES: compute_pb2.PROPERTY_ENERGIES,
     Property.MAGMOMS: compute_pb2.PROPERTY_MAGMOMS,
+    Property.CHARGES: compute_pb2.PROPERTY_CHARGES,
 }
 _PROPERTY_FROM_PROTO = {v: k for k, v in _PROPERTY_TO_PROTO.items()}
 _STATUS_TO_PROTO = {
@@ -40,6 +44,14 @@ _STATUS_TO_PROTO = {
     ModelStatus.UNAVAILABLE: models_pb2.MODEL_STATUS_UNAVAILABLE,
 }
 _STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
+_METHODS = {"auto": compute_pb2.ELECTROSTATICS_METHOD_UNSPECIFIED, "pme": compute_pb2.ELECTROSTATICS_METHOD_PME,
+            "ewald": compute_pb2.ELECTROSTATICS_METHOD_EWALD, "direct": compute_pb2.ELECTROSTATICS_METHOD_DIRECT}
+_CHARGES = {"auto": compute_pb2.CHARGE_SOURCE_UNSPECIFIED, "request": compute_pb2.CHARGE_SOURCE_REQUEST,
+            "model": compute_pb2.CHARGE_SOURCE_MODEL, "qeq": compute_pb2.CHARGE_SOURCE_QEQ}
+_DAMPING = {"bj": compute_pb2.DISPERSION_DAMPING_BJ, "zero": compute_pb2.DISPERSION_DAMPING_ZERO}
+_METHODS_FROM = {v: k for k, v in _METHODS.items()}
+_CHARGES_FROM = {v: k for k, v in _CHARGES.items()}
+_DAMPING_FROM = {compute_pb2.DISPERSION_DAMPING_UNSPECIFIED: "bj", **{v: k for k, v in _DAMPING.items()}}
 
 
 def _readonly(array: np.ndarray) -> np.ndarray:
@@ -157,12 +169,51 @@ def properties_from_proto(values: Sequence[int]) -> frozenset[Property]:
     return frozenset(out)
 
 
+def correction_to_proto(correction: Correction) -> compute_pb2.Correction:
+    if isinstance(correction, Electrostatics):
+        message = compute_pb2.Electrostatics(method=_METHODS[correction.method], charges=_CHARGES[correction.charges])
+        if correction.exclusion_radius is not None:
+            message.exclusion_radius = correction.exclusion_radius
+        return compute_pb2.Correction(electrostatics=message)
+    message = compute_pb2.Dispersion(functional=correction.functional, damping=_DAMPING[correction.damping])
+    if correction.cutoff is not None:
+        message.cutoff = correction.cutoff
+    return compute_pb2.Correction(dispersion=message)
+
+
+def _name_of(table: dict[int, str], value: int, field: str) -> str:
+    if value not in table:
+        raise InvalidSystemError(field, f"unknown value {value}; known: {', '.join(sorted(set(table.values())))}")
+    return table[value]
+
+
+def correction_from_proto(message: compute_pb2.Correction, where: str) -> Correction:
+    kind = message.WhichOneof("kind")
+    if kind == "electrostatics":
+        e = message.electrostatics
+        radius = e.exclusion_radius if e.HasField("exclusion_radius") else None
+        if radius is not None and not (np.isfinite(radius) and radius >= 0):
+            raise InvalidSystemError(f"{where}.electrostatics.exclusion_radius", f"must be >= 0 Å, got {radius}")
+        return Electrostatics(method=_name_of(_METHODS_FROM, e.method, f"{where}.electrostatics.method"),
+                              charges=_name_of(_CHARGES_FROM, e.charges, f"{where}.electrostatics.charges"),
+                              exclusion_radius=radius)
+    if kind == "dispersion":
+        d = message.dispersion
+        cutoff = d.cutoff if d.HasField("cutoff") else None
+        if cutoff is not None and not (np.isfinite(cutoff) and cutoff > 0):
+            raise InvalidSystemError(f"{where}.dispersion.cutoff", f"must be > 0 Å, got {cutoff}")
+        return Dispersion(functional=d.functional.lower() or "pbe",
+                          damping=_name_of(_DAMPING_FROM, d.damping, f"{where}.dispersion.damping"), cutoff=cutoff)
+    raise InvalidSystemError(where, "a correction must be electrostatics or dispersion")
+
+
 def compute_request_to_proto(request: ComputeRequest) -> compute_pb2.ComputeRequest:
     return compute_pb2.ComputeRequest(
         model=request.model,
         systems=[system_to_proto(s) for s in request.systems],
         properties=properties_to_proto(request.properties),
         task=request.task,
+        corrections=[correction_to_proto(c) for c in request.corrections],
     )
 
 
@@ -176,6 +227,7 @@ def compute_request_from_proto(message: compute_pb2.ComputeRequest) -> ComputeRe
         systems=tuple(system_from_proto(s, f"systems[{i}]") for i, s in enumerate(message.systems)),
         properties=properties_from_proto(message.properties),
         task=message.task,
+        corrections=tuple(correction_from_proto(c, f"corrections[{i}]") for i, c in enumerate(message.corrections)),
     )
 
 
@@ -183,7 +235,8 @@ def compute_request_from_proto(message: compute_pb2.ComputeRequest) -> ComputeRe
 
 
 def result_to_proto(result: Result) -> compute_pb2.SystemResult:
-    message = compute_pb2.SystemResult()
+    message = compute_pb2.SystemResult(
+        corrections=[compute_pb2.CorrectionTerm(name=k, energy=v) for k, v in result.corrections.items()])
     if result.energy is not None:
         message.energy = float(result.energy)
     for name in ARRAY_PROPERTIES:
@@ -197,9 +250,11 @@ def result_from_proto(message: compute_pb2.SystemResult, n_atoms: int) -> Result
     def array(values, shape):
         return np.asarray(values, dtype=np.float64).reshape(shape) if len(values) else None
 
-    shapes = {"forces": (n_atoms, 3), "stress": (6,), "energies": (n_atoms,), "magmoms": (n_atoms,)}
+    shapes = {"forces": (n_atoms, 3), "stress": (6,), "energies": (n_atoms,), "magmoms": (n_atoms,),
+              "charges": (n_atoms,)}
     return Result(
         energy=message.energy if message.HasField("energy") else None,
+        corrections={term.name: term.energy for term in message.corrections},
         **{name: array(getattr(message, name), shapes[name]) for name in ARRAY_PROPERTIES},
     )
 
@@ -227,6 +282,7 @@ def model_info_to_proto(info: ModelInfo) -> models_pb2.ModelInfo:
         status_message=info.status_message,
         tasks=list(info.tasks),
         default_task=info.default_task,
+        corrections=[correction_to_proto(c) for c in info.corrections],
     )
 
 
@@ -250,4 +306,5 @@ def model_info_from_proto(message: models_pb2.ModelInfo) -> ModelInfo:
         status_message=message.status_message,
         tasks=tuple(message.tasks),
         default_task=message.default_task,
+        corrections=tuple(correction_from_proto(c, f"corrections[{i}]") for i, c in enumerate(message.corrections)),
     )

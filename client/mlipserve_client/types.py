@@ -7,7 +7,7 @@ Units: Å, eV, eV/Å, eV/Å³, e (see protos/mlipserve/v1/system.proto).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class Property(str, enum.Enum):
     STRESS = "stress"
     ENERGIES = "energies"
     MAGMOMS = "magmoms"
+    CHARGES = "charges"
 
 
 DEFAULT_PROPERTIES = frozenset({Property.ENERGY, Property.FORCES})
@@ -46,6 +47,35 @@ class System:
         return bool(self.pbc.any())
 
 
+@dataclass(frozen=True)
+class Electrostatics:
+    """Long-range Coulomb energy of partial charges (see compute.proto for the choices)."""
+
+    method: str = "auto"  # auto | pme | ewald | direct
+    charges: str = "auto"  # auto | request | model | qeq
+    exclusion_radius: float | None = None  # Å; None: the model's cutoff; 0: nothing excluded
+
+    @property
+    def name(self) -> str:
+        return f"electrostatics({self.method}, {self.charges})"
+
+
+@dataclass(frozen=True)
+class Dispersion:
+    """Grimme's D3 dispersion."""
+
+    functional: str = "pbe"
+    damping: str = "bj"  # bj | zero
+    cutoff: float | None = None  # Å; None: 40 bohr
+
+    @property
+    def name(self) -> str:
+        return f"d3({self.damping})-{self.functional}"
+
+
+Correction = Electrostatics | Dispersion
+
+
 @dataclass(frozen=True, eq=False)
 class ComputeRequest:
     """What a client asks of one model for one or more systems."""
@@ -54,6 +84,7 @@ class ComputeRequest:
     systems: tuple[System, ...]
     properties: frozenset[Property] = DEFAULT_PROPERTIES
     task: str = ""  # "" = the model's default task
+    corrections: tuple[Correction, ...] = ()
 
     @property
     def n_atoms(self) -> int:
@@ -61,7 +92,7 @@ class ComputeRequest:
 
 
 # Result fields that are arrays, by their Property name.
-ARRAY_PROPERTIES = ("forces", "stress", "energies", "magmoms")
+ARRAY_PROPERTIES = ("forces", "stress", "energies", "magmoms", "charges")
 
 
 @dataclass(eq=False)
@@ -73,6 +104,9 @@ class Result:
     stress: np.ndarray | None = None  # (6,) eV/Å³, Voigt xx yy zz yz xz xy, ASE sign
     energies: np.ndarray | None = None  # (n,) eV
     magmoms: np.ndarray | None = None  # (n,) μB
+    charges: np.ndarray | None = None  # (n,) e
+    # Energy of each correction applied (eV), by name, in order; already included in ``energy``.
+    corrections: dict[str, float] = field(default_factory=dict)
 
     def as_ase_results(self) -> dict[str, float | np.ndarray]:
         """The ``Calculator.results`` dict ASE expects (energy doubles as free_energy)."""
@@ -114,3 +148,4 @@ class ModelInfo:
     status_message: str = ""
     tasks: tuple[str, ...] = ()
     default_task: str = ""
+    corrections: tuple[Correction, ...] = ()

@@ -3,8 +3,9 @@
 Knows nothing of gRPC, Ray or a concrete model: it is given a function that evaluates a Batch and a
 function that estimates a system's cost ("work", in the backend's units: ~ atoms + neighbour pairs).
 
-- Requests for the same task are merged until the batch's work reaches the budget or the first
-  request has waited ``max_wait_s``; one request's systems are never split across queued batches.
+- Requests for the same task and corrections are merged until the batch's work reaches the budget
+  or the first request has waited ``max_wait_s``; one request's systems are never split across
+  queued batches.
   A budget of 0 never merges.
 - Requests above ``large_system_atoms`` run on a lane (thread) of their own, one at a time, so a
   10^5-atom system never holds up the small ones behind it.
@@ -199,7 +200,7 @@ class BatchQueue:
                     break
                 continue
             following = lane.pending[0]
-            if following.request.task != first.request.task or work + following.work > self.budget:
+            if _batch_key(following.request) != _batch_key(first.request) or work + following.work > self.budget:
                 break
             nxt = self._pop(lane)
             if nxt is not None:
@@ -224,7 +225,7 @@ class BatchQueue:
         properties = frozenset().union(*(p.request.properties for p in batch))
         start = time.perf_counter()
         try:
-            results = self._evaluate_units(units, properties, batch[0].request.task, depth=0)
+            results = self._evaluate_units(units, properties, batch[0].request, depth=0)
         except Exception as error:  # noqa: BLE001 - isolated below: a request fails alone
             if len(batch) == 1:
                 self._settle(batch[0], error=error)
@@ -242,11 +243,13 @@ class BatchQueue:
         for pending in batch:
             self._settle(pending, results=by_request[id(pending)])
 
-    def _evaluate_units(self, units: list[_Unit], properties: frozenset[Property], task: str, depth: int) -> list[Result]:
+    def _evaluate_units(self, units: list[_Unit], properties: frozenset[Property], like: ComputeRequest,
+                        depth: int) -> list[Result]:
+        """Evaluate ``units`` with the task and corrections of ``like`` (shared by the whole batch)."""
         work = sum(self._cost(u.system) for u in units)
         if work <= self.capacity or len(units) == 1:
             try:
-                results = self._evaluate(Batch(tuple(u.system for u in units), properties, task))
+                results = self._evaluate(Batch(tuple(u.system for u in units), properties, like.task, like.corrections))
             except DeviceOutOfMemory as error:
                 self._learn_capacity(error.capacity if error.capacity is not None else work / 2)
                 if len(units) == 1 or depth >= MAX_SPLIT_DEPTH:
@@ -260,8 +263,8 @@ class BatchQueue:
                     raise RuntimeError(f"backend returned {len(results)} results for {len(units)} systems")
                 return results
         half = len(units) // 2
-        return (self._evaluate_units(units[:half], properties, task, depth + 1)
-                + self._evaluate_units(units[half:], properties, task, depth + 1))
+        return (self._evaluate_units(units[:half], properties, like, depth + 1)
+                + self._evaluate_units(units[half:], properties, like, depth + 1))
 
     def _learn_capacity(self, fits: float) -> None:
         if fits < self.capacity:
@@ -291,6 +294,12 @@ class BatchQueue:
         pending.future.get_loop().call_soon_threadsafe(settle)
 
 
+def _batch_key(request: ComputeRequest) -> tuple:
+    """Requests share a forward pass only if they ask the same task and corrections."""
+    return request.task, request.corrections
+
+
 def _only(result: Result, properties: frozenset[Property]) -> Result:
     """Drop what a merged batch computed for other requests."""
-    return Result(**{p.value: getattr(result, p.value) if p in properties else None for p in Property})
+    return Result(corrections=result.corrections,
+                  **{p.value: getattr(result, p.value) if p in properties else None for p in Property})

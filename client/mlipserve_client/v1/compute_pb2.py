@@ -26,19 +26,33 @@ _sym_db = _symbol_database.Default()
 from mlipserve_client.v1 import system_pb2 as mlipserve_dot_v1_dot_system__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/compute.proto\x12\x0cmlipserve.v1\x1a\x19mlipserve/v1/system.proto\"\x80\x01\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07systems\x18\x02 \x03(\x0b\x32\x14.mlipserve.v1.System\x12*\n\nproperties\x18\x03 \x03(\x0e\x32\x16.mlipserve.v1.Property\x12\x0c\n\x04task\x18\x04 \x01(\t\"q\n\x0cSystemResult\x12\x13\n\x06\x65nergy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06\x66orces\x18\x02 \x03(\x01\x12\x0e\n\x06stress\x18\x03 \x03(\x01\x12\x10\n\x08\x65nergies\x18\x04 \x03(\x01\x12\x0f\n\x07magmoms\x18\x05 \x03(\x01\x42\t\n\x07_energy\"d\n\x0f\x43omputeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.mlipserve.v1.SystemResult*\x90\x01\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x15\n\x11PROPERTY_ENERGIES\x10\x04\x12\x14\n\x10PROPERTY_MAGMOMS\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/compute.proto\x12\x0cmlipserve.v1\x1a\x19mlipserve/v1/system.proto\"\xa5\x01\n\x0e\x45lectrostatics\x12\x32\n\x06method\x18\x01 \x01(\x0e\x32\".mlipserve.v1.ElectrostaticsMethod\x12+\n\x07\x63harges\x18\x02 \x01(\x0e\x32\x1a.mlipserve.v1.ChargeSource\x12\x1d\n\x10\x65xclusion_radius\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_exclusion_radius\"r\n\nDispersion\x12\x12\n\nfunctional\x18\x01 \x01(\t\x12\x30\n\x07\x64\x61mping\x18\x02 \x01(\x0e\x32\x1f.mlipserve.v1.DispersionDamping\x12\x13\n\x06\x63utoff\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_cutoff\"|\n\nCorrection\x12\x36\n\x0e\x65lectrostatics\x18\x01 \x01(\x0b\x32\x1c.mlipserve.v1.ElectrostaticsH\x00\x12.\n\ndispersion\x18\x02 \x01(\x0b\x32\x18.mlipserve.v1.DispersionH\x00\x42\x06\n\x04kind\".\n\x0e\x43orrectionTerm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65nergy\x18\x02 \x01(\x01\"\xaf\x01\n\x0e\x43omputeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12%\n\x07systems\x18\x02 \x03(\x0b\x32\x14.mlipserve.v1.System\x12*\n\nproperties\x18\x03 \x03(\x0e\x32\x16.mlipserve.v1.Property\x12\x0c\n\x04task\x18\x04 \x01(\t\x12-\n\x0b\x63orrections\x18\x05 \x03(\x0b\x32\x18.mlipserve.v1.Correction\"\xb5\x01\n\x0cSystemResult\x12\x13\n\x06\x65nergy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06\x66orces\x18\x02 \x03(\x01\x12\x0e\n\x06stress\x18\x03 \x03(\x01\x12\x10\n\x08\x65nergies\x18\x04 \x03(\x01\x12\x0f\n\x07magmoms\x18\x05 \x03(\x01\x12\x31\n\x0b\x63orrections\x18\x06 \x03(\x0b\x32\x1c.mlipserve.v1.CorrectionTerm\x12\x0f\n\x07\x63harges\x18\x07 \x03(\x01\x42\t\n\x07_energy\"y\n\x0f\x43omputeResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x07results\x18\x03 \x03(\x0b\x32\x1a.mlipserve.v1.SystemResult\x12\x13\n\x0b\x63orrections\x18\x04 \x03(\t*\xa6\x01\n\x08Property\x12\x18\n\x14PROPERTY_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROPERTY_ENERGY\x10\x01\x12\x13\n\x0fPROPERTY_FORCES\x10\x02\x12\x13\n\x0fPROPERTY_STRESS\x10\x03\x12\x15\n\x11PROPERTY_ENERGIES\x10\x04\x12\x14\n\x10PROPERTY_MAGMOMS\x10\x05\x12\x14\n\x10PROPERTY_CHARGES\x10\x06*\x9f\x01\n\x14\x45lectrostaticsMethod\x12%\n!ELECTROSTATICS_METHOD_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45LECTROSTATICS_METHOD_PME\x10\x01\x12\x1f\n\x1b\x45LECTROSTATICS_METHOD_EWALD\x10\x02\x12 \n\x1c\x45LECTROSTATICS_METHOD_DIRECT\x10\x03*x\n\x0c\x43hargeSource\x12\x1d\n\x19\x43HARGE_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HARGE_SOURCE_REQUEST\x10\x01\x12\x17\n\x13\x43HARGE_SOURCE_MODEL\x10\x02\x12\x15\n\x11\x43HARGE_SOURCE_QEQ\x10\x03*o\n\x11\x44ispersionDamping\x12\"\n\x1e\x44ISPERSION_DAMPING_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44ISPERSION_DAMPING_BJ\x10\x01\x12\x1b\n\x17\x44ISPERSION_DAMPING_ZERO\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlipserve_client.v1.compute_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPERTY']._serialized_start=420
-  _globals['_PROPERTY']._serialized_end=564
-  _globals['_COMPUTEREQUEST']._serialized_start=72
-  _globals['_COMPUTEREQUEST']._serialized_end=200
-  _globals['_SYSTEMRESULT']._serialized_start=202
-  _globals['_SYSTEMRESULT']._serialized_end=315
-  _globals['_COMPUTERESPONSE']._serialized_start=317
-  _globals['_COMPUTERESPONSE']._serialized_end=417
+  _globals['_PROPERTY']._serialized_start=1015
+  _globals['_PROPERTY']._serialized_end=1181
+  _globals['_ELECTROSTATICSMETHOD']._serialized_start=1184
+  _globals['_ELECTROSTATICSMETHOD']._serialized_end=1343
+  _globals['_CHARGESOURCE']._serialized_start=1345
+  _globals['_CHARGESOURCE']._serialized_end=1465
+  _globals['_DISPERSIONDAMPING']._serialized_start=1467
+  _globals['_DISPERSIONDAMPING']._serialized_end=1578
+  _globals['_ELECTROSTATICS']._serialized_start=72
+  _globals['_ELECTROSTATICS']._serialized_end=237
+  _globals['_DISPERSION']._serialized_start=239
+  _globals['_DISPERSION']._serialized_end=353
+  _globals['_CORRECTION']._serialized_start=355
+  _globals['_CORRECTION']._serialized_end=479
+  _globals['_CORRECTIONTERM']._serialized_start=481
+  _globals['_CORRECTIONTERM']._serialized_end=527
+  _globals['_COMPUTEREQUEST']._serialized_start=530
+  _globals['_COMPUTEREQUEST']._serialized_end=705
+  _globals['_SYSTEMRESULT']._serialized_start=708
+  _globals['_SYSTEMRESULT']._serialized_end=889
+  _globals['_COMPUTERESPONSE']._serialized_start=891
+  _globals['_COMPUTERESPONSE']._serialized_end=1012
 # @@protoc_insertion_point(module_scope)

@@ -17,45 +17,122 @@ class Property(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROPERTY_STRESS: _ClassVar[Property]
     PROPERTY_ENERGIES: _ClassVar[Property]
     PROPERTY_MAGMOMS: _ClassVar[Property]
+    PROPERTY_CHARGES: _ClassVar[Property]
+
+class ElectrostaticsMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ELECTROSTATICS_METHOD_UNSPECIFIED: _ClassVar[ElectrostaticsMethod]
+    ELECTROSTATICS_METHOD_PME: _ClassVar[ElectrostaticsMethod]
+    ELECTROSTATICS_METHOD_EWALD: _ClassVar[ElectrostaticsMethod]
+    ELECTROSTATICS_METHOD_DIRECT: _ClassVar[ElectrostaticsMethod]
+
+class ChargeSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHARGE_SOURCE_UNSPECIFIED: _ClassVar[ChargeSource]
+    CHARGE_SOURCE_REQUEST: _ClassVar[ChargeSource]
+    CHARGE_SOURCE_MODEL: _ClassVar[ChargeSource]
+    CHARGE_SOURCE_QEQ: _ClassVar[ChargeSource]
+
+class DispersionDamping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISPERSION_DAMPING_UNSPECIFIED: _ClassVar[DispersionDamping]
+    DISPERSION_DAMPING_BJ: _ClassVar[DispersionDamping]
+    DISPERSION_DAMPING_ZERO: _ClassVar[DispersionDamping]
 PROPERTY_UNSPECIFIED: Property
 PROPERTY_ENERGY: Property
 PROPERTY_FORCES: Property
 PROPERTY_STRESS: Property
 PROPERTY_ENERGIES: Property
 PROPERTY_MAGMOMS: Property
+PROPERTY_CHARGES: Property
+ELECTROSTATICS_METHOD_UNSPECIFIED: ElectrostaticsMethod
+ELECTROSTATICS_METHOD_PME: ElectrostaticsMethod
+ELECTROSTATICS_METHOD_EWALD: ElectrostaticsMethod
+ELECTROSTATICS_METHOD_DIRECT: ElectrostaticsMethod
+CHARGE_SOURCE_UNSPECIFIED: ChargeSource
+CHARGE_SOURCE_REQUEST: ChargeSource
+CHARGE_SOURCE_MODEL: ChargeSource
+CHARGE_SOURCE_QEQ: ChargeSource
+DISPERSION_DAMPING_UNSPECIFIED: DispersionDamping
+DISPERSION_DAMPING_BJ: DispersionDamping
+DISPERSION_DAMPING_ZERO: DispersionDamping
+
+class Electrostatics(_message.Message):
+    __slots__ = ("method", "charges", "exclusion_radius")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSION_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    method: ElectrostaticsMethod
+    charges: ChargeSource
+    exclusion_radius: float
+    def __init__(self, method: _Optional[_Union[ElectrostaticsMethod, str]] = ..., charges: _Optional[_Union[ChargeSource, str]] = ..., exclusion_radius: _Optional[float] = ...) -> None: ...
+
+class Dispersion(_message.Message):
+    __slots__ = ("functional", "damping", "cutoff")
+    FUNCTIONAL_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    functional: str
+    damping: DispersionDamping
+    cutoff: float
+    def __init__(self, functional: _Optional[str] = ..., damping: _Optional[_Union[DispersionDamping, str]] = ..., cutoff: _Optional[float] = ...) -> None: ...
+
+class Correction(_message.Message):
+    __slots__ = ("electrostatics", "dispersion")
+    ELECTROSTATICS_FIELD_NUMBER: _ClassVar[int]
+    DISPERSION_FIELD_NUMBER: _ClassVar[int]
+    electrostatics: Electrostatics
+    dispersion: Dispersion
+    def __init__(self, electrostatics: _Optional[_Union[Electrostatics, _Mapping]] = ..., dispersion: _Optional[_Union[Dispersion, _Mapping]] = ...) -> None: ...
+
+class CorrectionTerm(_message.Message):
+    __slots__ = ("name", "energy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    energy: float
+    def __init__(self, name: _Optional[str] = ..., energy: _Optional[float] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("model", "systems", "properties", "task")
+    __slots__ = ("model", "systems", "properties", "task", "corrections")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEMS_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     systems: _containers.RepeatedCompositeFieldContainer[_system_pb2.System]
     properties: _containers.RepeatedScalarFieldContainer[Property]
     task: str
-    def __init__(self, model: _Optional[str] = ..., systems: _Optional[_Iterable[_Union[_system_pb2.System, _Mapping]]] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ..., task: _Optional[str] = ...) -> None: ...
+    corrections: _containers.RepeatedCompositeFieldContainer[Correction]
+    def __init__(self, model: _Optional[str] = ..., systems: _Optional[_Iterable[_Union[_system_pb2.System, _Mapping]]] = ..., properties: _Optional[_Iterable[_Union[Property, str]]] = ..., task: _Optional[str] = ..., corrections: _Optional[_Iterable[_Union[Correction, _Mapping]]] = ...) -> None: ...
 
 class SystemResult(_message.Message):
-    __slots__ = ("energy", "forces", "stress", "energies", "magmoms")
+    __slots__ = ("energy", "forces", "stress", "energies", "magmoms", "corrections", "charges")
     ENERGY_FIELD_NUMBER: _ClassVar[int]
     FORCES_FIELD_NUMBER: _ClassVar[int]
     STRESS_FIELD_NUMBER: _ClassVar[int]
     ENERGIES_FIELD_NUMBER: _ClassVar[int]
     MAGMOMS_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
     energy: float
     forces: _containers.RepeatedScalarFieldContainer[float]
     stress: _containers.RepeatedScalarFieldContainer[float]
     energies: _containers.RepeatedScalarFieldContainer[float]
     magmoms: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., energies: _Optional[_Iterable[float]] = ..., magmoms: _Optional[_Iterable[float]] = ...) -> None: ...
+    corrections: _containers.RepeatedCompositeFieldContainer[CorrectionTerm]
+    charges: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Iterable[float]] = ..., stress: _Optional[_Iterable[float]] = ..., energies: _Optional[_Iterable[float]] = ..., magmoms: _Optional[_Iterable[float]] = ..., corrections: _Optional[_Iterable[_Union[CorrectionTerm, _Mapping]]] = ..., charges: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComputeResponse(_message.Message):
-    __slots__ = ("model", "model_version", "results")
+    __slots__ = ("model", "model_version", "results", "corrections")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     results: _containers.RepeatedCompositeFieldContainer[SystemResult]
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[SystemResult, _Mapping]]] = ...) -> None: ...
+    corrections: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[SystemResult, _Mapping]]] = ..., corrections: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -26,23 +26,23 @@ _sym_db = _symbol_database.Default()
 from mlipserve_client.v1 import compute_pb2 as mlipserve_dot_v1_dot_compute__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlipserve/v1/models.proto\x12\x0cmlipserve.v1\x1a\x1amlipserve/v1/compute.proto\"\x92\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x63utoff\x18\x04 \x01(\x01\x12\x10\n\x08\x65lements\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x15\n\rtraining_data\x18\t \x01(\t\x12\x0f\n\x07license\x18\n \x01(\t\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12*\n\nproperties\x18\x0c \x03(\x0e\x32\x16.mlipserve.v1.Property\x12\x19\n\x11uses_total_charge\x18\r \x01(\x08\x12\x11\n\tuses_spin\x18\x0e \x01(\x08\x12)\n\x06status\x18\x0f \x01(\x0e\x32\x19.mlipserve.v1.ModelStatus\x12\x16\n\x0estatus_message\x18\x10 \x01(\t\x12\r\n\x05tasks\x18\x11 \x03(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_task\x18\x12 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mlipserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x10GetModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.mlipserve.v1.ModelInfo*\x7f\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATUS_AVAILABLE\x10\x01\x12\x18\n\x14MODEL_STATUS_LOADING\x10\x02\x12\x1c\n\x18MODEL_STATUS_UNAVAILABLE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mlipserve/v1/models.proto\x12\x0cmlipserve.v1\x1a\x1amlipserve/v1/compute.proto\"\xc1\x03\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06\x63utoff\x18\x04 \x01(\x01\x12\x10\n\x08\x65lements\x18\x05 \x03(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x15\n\rtraining_data\x18\t \x01(\t\x12\x0f\n\x07license\x18\n \x01(\t\x12\x0f\n\x07trained\x18\x0b \x01(\x08\x12*\n\nproperties\x18\x0c \x03(\x0e\x32\x16.mlipserve.v1.Property\x12\x19\n\x11uses_total_charge\x18\r \x01(\x08\x12\x11\n\tuses_spin\x18\x0e \x01(\x08\x12)\n\x06status\x18\x0f \x01(\x0e\x32\x19.mlipserve.v1.ModelStatus\x12\x16\n\x0estatus_message\x18\x10 \x01(\t\x12\r\n\x05tasks\x18\x11 \x03(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_task\x18\x12 \x01(\t\x12-\n\x0b\x63orrections\x18\x13 \x03(\x0b\x32\x18.mlipserve.v1.Correction\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.mlipserve.v1.ModelInfo\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\":\n\x10GetModelResponse\x12&\n\x05model\x18\x01 \x01(\x0b\x32\x17.mlipserve.v1.ModelInfo*\x7f\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MODEL_STATUS_AVAILABLE\x10\x01\x12\x18\n\x14MODEL_STATUS_LOADING\x10\x02\x12\x1c\n\x18MODEL_STATUS_UNAVAILABLE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlipserve_client.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATUS']._serialized_start=654
-  _globals['_MODELSTATUS']._serialized_end=781
+  _globals['_MODELSTATUS']._serialized_start=701
+  _globals['_MODELSTATUS']._serialized_end=828
   _globals['_MODELINFO']._serialized_start=72
-  _globals['_MODELINFO']._serialized_end=474
-  _globals['_LISTMODELSREQUEST']._serialized_start=476
-  _globals['_LISTMODELSREQUEST']._serialized_end=495
-  _globals['_LISTMODELSRESPONSE']._serialized_start=497
-  _globals['_LISTMODELSRESPONSE']._serialized_end=558
-  _globals['_GETMODELREQUEST']._serialized_start=560
-  _globals['_GETMODELREQUEST']._serialized_end=592
-  _globals['_GETMODELRESPONSE']._serialized_start=594
-  _globals['_GETMODELRESPONSE']._serialized_end=652
+  _globals['_MODELINFO']._serialized_end=521
+  _globals['_LISTMODELSREQUEST']._serialized_start=523
+  _globals['_LISTMODELSREQUEST']._serialized_end=542
+  _globals['_LISTMODELSRESPONSE']._serialized_start=544
+  _globals['_LISTMODELSRESPONSE']._serialized_end=605
+  _globals['_GETMODELREQUEST']._serialized_start=607
+  _globals['_GETMODELREQUEST']._serialized_end=639
+  _globals['_GETMODELRESPONSE']._serialized_start=641
+  _globals['_GETMODELRESPONSE']._serialized_end=699
 # @@protoc_insertion_point(module_scope)

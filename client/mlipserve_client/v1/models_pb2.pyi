@@ -21,7 +21,7 @@ MODEL_STATUS_LOADING: ModelStatus
 MODEL_STATUS_UNAVAILABLE: ModelStatus
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "architecture", "version", "cutoff", "elements", "dtype", "device", "num_parameters", "training_data", "license", "trained", "properties", "uses_total_charge", "uses_spin", "status", "status_message", "tasks", "default_task")
+    __slots__ = ("id", "architecture", "version", "cutoff", "elements", "dtype", "device", "num_parameters", "training_data", "license", "trained", "properties", "uses_total_charge", "uses_spin", "status", "status_message", "tasks", "default_task", "corrections")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class ModelInfo(_message.Message):
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TASK_FIELD_NUMBER: _ClassVar[int]
+    CORRECTIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     architecture: str
     version: str
@@ -58,7 +59,8 @@ class ModelInfo(_message.Message):
     status_message: str
     tasks: _containers.RepeatedScalarFieldContainer[str]
     default_task: str
-    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., version: _Optional[str] = ..., cutoff: _Optional[float] = ..., elements: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., training_data: _Optional[str] = ..., license: _Optional[str] = ..., trained: _Optional[bool] = ..., properties: _Optional[_Iterable[_Union[_compute_pb2.Property, str]]] = ..., uses_total_charge: _Optional[bool] = ..., uses_spin: _Optional[bool] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., status_message: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_task: _Optional[str] = ...) -> None: ...
+    corrections: _containers.RepeatedCompositeFieldContainer[_compute_pb2.Correction]
+    def __init__(self, id: _Optional[str] = ..., architecture: _Optional[str] = ..., version: _Optional[str] = ..., cutoff: _Optional[float] = ..., elements: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., training_data: _Optional[str] = ..., license: _Optional[str] = ..., trained: _Optional[bool] = ..., properties: _Optional[_Iterable[_Union[_compute_pb2.Property, str]]] = ..., uses_total_charge: _Optional[bool] = ..., uses_spin: _Optional[bool] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., status_message: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., default_task: _Optional[str] = ..., corrections: _Optional[_Iterable[_Union[_compute_pb2.Correction, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

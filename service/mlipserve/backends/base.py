@@ -17,7 +17,7 @@ from ase.data import chemical_symbols
 from mlipserve.errors import InvalidSystemError, UnsupportedElementError, UnsupportedPropertyError
 from mlipserve.cost import pair_work
 from mlipserve.geometry import check_geometry
-from mlipserve_client.types import ModelInfo, Property, Result, System
+from mlipserve_client.types import Correction, ModelInfo, Property, Result, System
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,6 +27,8 @@ class Batch:
     systems: tuple[System, ...]
     properties: frozenset[Property]
     task: str = ""  # "" = the model's default task
+    # Physics corrections to add after the model (mlipserve.physics); backends ignore them.
+    corrections: tuple[Correction, ...] = ()
 
     @property
     def n_atoms(self) -> int:
