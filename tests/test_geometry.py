@@ -73,3 +73,36 @@ def test_wrapping_is_a_lattice_translation(atoms, rng):
         assert (inside >= 0).all() and (inside < 1).all()
     else:
         np.testing.assert_allclose(delta, np.broadcast_to(delta[0], delta.shape), atol=1e-12)  # one rigid shift
+
+
+@pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False), (False, False, False)])
+def test_closest_pair_agrees_with_vesin(pbc, rng):
+    """The scipy search (torch-free, for the ingress) against vesin's neighbour list."""
+    from vesin import NeighborList
+
+    from mlipserve.geometry import closest_pair
+    from mlipserve_client.types import System
+
+    cell = np.array([[6.0, 0.0, 0.0], [2.5, 5.5, 0.0], [1.0, 1.5, 7.0]])  # triclinic
+    for _ in range(5):
+        positions = rng.uniform(-3, 9, size=(150, 3))
+        system = System(numbers=np.ones(150, dtype=int), positions=positions,
+                        cell=cell if any(pbc) else None, pbc=np.array(pbc))
+        got = closest_pair(system, 0.6)
+        i, j, d = NeighborList(cutoff=0.6, full_list=False).compute(
+            positions, cell if any(pbc) else np.zeros((3, 3)), list(pbc), quantities="ijd")
+        if not len(d):
+            assert got is None
+            continue
+        k = int(np.argmin(d))
+        assert got is not None and got[2] == pytest.approx(d[k], abs=1e-9)
+        assert (got[0], got[1]) == tuple(sorted((int(i[k]), int(j[k]))))
+
+
+def test_the_ingress_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, mlipserve.deployments.ingress, mlipserve.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from mlipserve_client.types import Correction, Dispersion, Electrostatics
+
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_MODEL_ID = "chgnet-0.3.0"
 
@@ -49,13 +51,21 @@ class ModelConfig:
     # Overrides the deployment's device for this model.
     device: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # Physics corrections every request to this model id gets (a composite model, e.g.
+    # "mace-small+pme+d3"): [{electrostatics: {method, charges, exclusion_radius}},
+    # {dispersion: {functional, damping, cutoff}}].
+    corrections: tuple[Correction, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         data = dict(data)
+        where = f"models[{data.get('id', '?')}]"
         if "batching" in data:
             data["batching"] = BatchingConfig.from_dict(data["batching"] or {})
-        return _from_dict(cls, data, f"models[{data.get('id', '?')}]")
+        if "corrections" in data:
+            data["corrections"] = tuple(_correction(c, f"{where}.corrections[{i}]")
+                                        for i, c in enumerate(data["corrections"] or []))
+        return _from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,14 @@ class ServiceConfig:
 
         text = resources.files("mlipserve").joinpath("models.yaml").read_text()
         return cls.from_dict(yaml.safe_load(text))
+
+
+def _correction(data: Mapping[str, Any], where: str) -> Correction:
+    kinds = {"electrostatics": Electrostatics, "dispersion": Dispersion}
+    if len(data) != 1 or next(iter(data)) not in kinds:
+        raise ValueError(f"{where}: give exactly one of {', '.join(kinds)}, got {', '.join(data) or 'nothing'}")
+    kind, params = next(iter(data.items()))
+    return _from_dict(kinds[kind], params or {}, f"{where}.{kind}")
 
 
 def _from_dict(cls, data: Mapping[str, Any], where: str):

@@ -7,10 +7,11 @@ within the cutoff, and CHGNet's three-body angles then take more memory than the
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
-from vesin import NeighborList
+from scipy.spatial import cKDTree
 
 from mlipserve.errors import InvalidSystemError
 from mlipserve_client.types import System
@@ -40,18 +41,44 @@ def check_geometry(system: System, where: str, cutoff: float) -> None:
                 f"~{neighbours:.0f} neighbours within the model's {cutoff:g} Å cutoff (dense solids have "
                 f"~50-150): is the cell in Å?",
             )
-    box = system.cell if system.cell is not None else np.zeros((3, 3))
-    i, j, d = NeighborList(cutoff=MIN_DISTANCE, full_list=False).compute(
-        system.positions, box, system.pbc.tolist(), quantities="ijd"
-    )
-    if len(d):
-        k = int(np.argmin(d))
-        a, b = sorted((int(i[k]), int(j[k])))
+    pair = closest_pair(system, MIN_DISTANCE)
+    if pair is not None:
+        a, b, distance = pair
         if a == b:
-            message = f"atom {a} is {d[k]:.3f} Å from its own periodic image: the cell is too small"
+            message = f"atom {a} is {distance:.3f} Å from its own periodic image: the cell is too small"
         else:
-            message = f"atoms {a} and {b} are {d[k]:.3f} Å apart (closer than {MIN_DISTANCE} Å): they overlap"
+            message = f"atoms {a} and {b} are {distance:.3f} Å apart (closer than {MIN_DISTANCE} Å): they overlap"
         raise InvalidSystemError(f"{where}.positions[{b}]", message)
+
+
+def closest_pair(system: System, within: float) -> tuple[int, int, float] | None:
+    """The closest two atoms (a <= b; a == b: an atom and its own image) less than ``within`` Å apart,
+    periodic images included, or None. A k-d tree over the atoms plus the images of those within
+    ``within`` of a periodic face: scipy only, no torch, so the ingress can afford it."""
+    positions = wrapped_positions(system) if system.cell is not None else system.positions
+    index = np.arange(system.n_atoms)
+    points, owners = [positions], [index]
+    if system.is_periodic:
+        frac = np.linalg.solve(system.cell.T, positions.T).T
+        heights = abs(np.linalg.det(system.cell)) / np.linalg.norm(
+            np.cross(system.cell[[1, 2, 0]], system.cell[[2, 0, 1]]), axis=1)
+        near = within / heights  # fractional distance from a face that counts as near
+        for shift in itertools.product(*[(-1, 0, 1) if p else (0,) for p in system.pbc]):
+            if not any(shift):
+                continue
+            shift = np.array(shift)
+            # An image shifted by +1 along k matters for atoms near the low face (frac < near), and so on.
+            close = np.all((shift == 0) | ((shift > 0) & (frac < near)) | ((shift < 0) & (frac > 1 - near)), axis=1)
+            points.append(positions[close] + shift @ system.cell)
+            owners.append(index[close])
+    points, owners = np.concatenate(points), np.concatenate(owners)
+    pairs = cKDTree(points).query_pairs(within, output_type="ndarray")
+    if not len(pairs):
+        return None
+    distances = np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1)
+    k = int(np.argmin(distances))
+    a, b = sorted((int(owners[pairs[k, 0]]), int(owners[pairs[k, 1]])))
+    return a, b, float(distances[k])
 
 
 def _check_span(system: System, where: str) -> None:
