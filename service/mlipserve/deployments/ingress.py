@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from mlipserve.backends.base import check_request
 from mlipserve.config import ServiceConfig
+from mlipserve.corrections import resolve_corrections
 from mlipserve.errors import ModelNotFoundError, ModelUnavailableError, UnknownHealthServiceError
 from mlipserve.status import grpc_method, status_for
 from mlipserve_client import convert
@@ -94,11 +95,13 @@ class MLIPIngress:
             raise ModelUnavailableError(compute.model, info.status_message)
         # The one place requests are checked against the model: a bad request never reaches it.
         check_request(info, compute.systems, compute.properties, compute.task)
+        compute = dataclasses.replace(compute, corrections=resolve_corrections(info, compute.corrections, compute.systems))
         results = await handle.compute.remote(compute)
         return compute_pb2.ComputeResponse(
             model=compute.model,
             model_version=info.version,
             results=[convert.result_to_proto(r) for r in results],
+            corrections=[c.name for c in compute.corrections],
         )
 
     @grpc_method(models_pb2.ListModelsResponse)

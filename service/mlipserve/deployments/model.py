@@ -17,6 +17,7 @@ from mlipserve.capacity import GuardedEvaluator, ProbeResult, probe
 from mlipserve.config import DeploymentConfig, ModelConfig
 from mlipserve.errors import ModelNotFoundError, ModelUnavailableError
 from mlipserve.metrics import BatchMetrics
+from mlipserve.physics.corrected import CorrectedEvaluator
 from mlipserve_client.types import ComputeRequest, ModelInfo, ModelStatus, Result
 
 logger = logging.getLogger("mlipserve.model")
@@ -90,7 +91,8 @@ class ModelServer:
             self._infos[model_id] = dataclasses.replace(
                 self._infos[model_id], status=ModelStatus.UNAVAILABLE, status_message=f"failed to load: {error}")
             raise ModelUnavailableError(model_id, self._infos[model_id].status_message) from error
-        self._infos[model_id] = dataclasses.replace(loaded.backend.info, id=model_id, status=ModelStatus.AVAILABLE)
+        self._infos[model_id] = dataclasses.replace(loaded.backend.info, id=model_id, status=ModelStatus.AVAILABLE,
+                                                    corrections=config.corrections)
         self._resident[model_id] = loaded
         logger.info("model %s loaded in %.1f s (budget %.3g)", model_id, time.perf_counter() - start,
                     loaded.queue.budget)
@@ -116,7 +118,8 @@ class ModelServer:
         policy = BatchPolicy(budget=budget, max_wait_s=batching.max_wait_ms / 1000,
                              max_queued_work=batching.max_queued_work, large_system_atoms=batching.large_system_atoms)
         limit = batching.memory_limit_mb * 1e6 if batching.memory_limit_mb is not None else None
-        evaluate = GuardedEvaluator(backend, cost, device, measured.bytes_per_work, limit)
+        evaluate = CorrectedEvaluator(GuardedEvaluator(backend, cost, device, measured.bytes_per_work, limit),
+                                      info, device)
         observer = self._metrics.observer(config.id, device)
         observer.budget_chosen(budget)
         queue = BatchQueue(config.id, evaluate, cost, policy, self._small_lane, self._large_lane, observer,
