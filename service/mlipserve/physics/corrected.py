@@ -58,7 +58,9 @@ def build_correction(spec: Correction, model_cutoff: float, device: str) -> Phys
         from mlipserve.physics.electrostatics import Electrostatics as Coulomb
 
         radius = model_cutoff if spec.exclusion_radius is None else spec.exclusion_radius
-        return Coulomb(charges=spec.charges, method=spec.method, exclusion_radius=radius or None, device=device)
+        # A smooth 1 Å switch keeps MD energies continuous as pairs cross the exclusion radius.
+        return Coulomb(charges=spec.charges, method=spec.method, exclusion_radius=radius or None,
+                       exclusion_width=min(1.0, radius), device=device)
     if isinstance(spec, Dispersion):
         from mlipserve.physics.dispersion import DEFAULT_CUTOFF, D3Dispersion
 
