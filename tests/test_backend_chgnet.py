@@ -12,7 +12,7 @@ from mlipserve.backends.chgnet import CHGNetBackend
 from mlipserve_client.convert import system_from_atoms
 from mlipserve_client.types import Property
 
-ALL = frozenset(Property)
+ALL = frozenset(Property) - {Property.CHARGES}
 # float32 model: the tolerances.
 E_TOL_PER_ATOM, F_TOL, S_TOL = 1e-5, 1e-4, 1e-5
 

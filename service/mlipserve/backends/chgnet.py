@@ -54,7 +54,8 @@ class CHGNetBackend:
             training_data=_TRAINING_DATA[version],
             license="BSD-3-Clause (CHGNet code and weights)",
             trained=True,
-            properties=frozenset(Property),
+            properties=frozenset({Property.ENERGY, Property.FORCES, Property.STRESS, Property.ENERGIES,
+                                  Property.MAGMOMS}),
         )
 
     @property
