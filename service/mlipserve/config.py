@@ -44,8 +44,11 @@ class ModelConfig:
     """One served model: its id and how its backend builds it."""
 
     id: str
-    # Backend family: "chgnet", "mace", "sevennet", "fairchem", or a plugin's entry-point name.
+    # Backend: "chgnet", "mace", "sevennet", "fairchem", or a plugin's entry-point name.
     backend: str
+    # The Serve deployment (family) hosting it; default: one per backend. Models of one backend that
+    # need another environment or device (e.g. a runtime_env with newer packages) get their own.
+    family: str | None = None
     # Keyword arguments of the backend's constructor (version, checkpoint path, dtype, ...).
     options: Mapping[str, Any] = field(default_factory=dict)
     # Overrides the deployment's device for this model.
@@ -55,6 +58,10 @@ class ModelConfig:
     # "mace-small+pme+d3"): [{electrostatics: {method, charges, exclusion_radius}},
     # {dispersion: {functional, damping, cutoff}}].
     corrections: tuple[Correction, ...] = ()
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.backend
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -70,7 +77,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DeploymentConfig:
-    """Resources of one backend family's Serve deployment; its models are multiplexed on it."""
+    """Resources of one family's Serve deployment; its models are multiplexed on it."""
 
     num_replicas: int = 1
     # CPUs reserved per replica; torch in the replica uses this many threads.
@@ -103,7 +110,7 @@ class ServiceConfig:
     models: tuple[ModelConfig, ...] = (
         ModelConfig(id=DEFAULT_MODEL_ID, backend="chgnet", options={"version": "0.3.0"}),
     )
-    # Per backend family; a family without an entry gets DeploymentConfig().
+    # Per family (ModelConfig.family_name); a family without an entry gets DeploymentConfig().
     deployments: Mapping[str, DeploymentConfig] = field(default_factory=dict)
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 1000
@@ -123,10 +130,10 @@ class ServiceConfig:
 
     @property
     def families(self) -> dict[str, tuple[ModelConfig, ...]]:
-        """Backend family -> its models, in config order."""
+        """Family -> its models, in config order."""
         out: dict[str, list[ModelConfig]] = {}
         for model in self.models:
-            out.setdefault(model.backend, []).append(model)
+            out.setdefault(model.family_name, []).append(model)
         return {family: tuple(models) for family, models in out.items()}
 
     def deployment(self, family: str) -> DeploymentConfig:
@@ -141,7 +148,7 @@ class ServiceConfig:
         if unknown:
             raise ValueError(f"unknown model {', '.join(unknown)}; configured: {', '.join(m.id for m in self.models)}")
         models = tuple(self.model(m) for m in model_ids)
-        families = {m.backend for m in models}
+        families = {m.family_name for m in models}
         return dataclasses.replace(self, models=models,
                                    deployments={f: d for f, d in self.deployments.items() if f in families})
 

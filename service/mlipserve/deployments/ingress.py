@@ -38,7 +38,7 @@ class MLIPIngress:
     def __init__(self, config: ServiceConfig, families: dict[str, DeploymentHandle]) -> None:
         self.config = config
         self.families = families
-        self.family_of = {m.id: m.backend for m in config.models}
+        self.family_of = {m.id: m.family_name for m in config.models}
         # Handles that route to a replica where the model is resident (Serve's model multiplexing).
         self._routes = {m: families[f].options(multiplexed_model_id=m) for m, f in self.family_of.items()}
         # Metadata of models that answered AVAILABLE: fixed for the life of their deployment.
