@@ -49,7 +49,7 @@ def test_cli_picks_from_the_catalog_and_defaults_to_chgnet():
     assert set(config.families) == {"sevennet", "chgnet"}
     assert config.deployment("sevennet").num_cpus == 2 and config.deployment("chgnet").num_cpus == 2
     catalog = ServiceConfig.catalog()
-    assert {"chgnet-0.3.0", "mace-mp-0-small-random", "sevennet-0", "sevennet-mf-0"} <= {m.id for m in catalog.models}
+    assert {"chgnet-0.3.0", "mace-mp-0-small-random", "sevennet-0", "sevennet-l3i5"} <= {m.id for m in catalog.models}
 
 
 def test_unknown_keys_are_rejected_by_name():

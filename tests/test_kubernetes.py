@@ -68,7 +68,7 @@ except ImportError:  # not in the project's test extras: the structural check be
 
 
 def _fixtures() -> Path:
-    candidates = [ROOT.parent / "shared" / "fixtures", Path("/work/shared/fixtures")]
+    candidates = [ROOT / "tests" / "fixtures", ROOT.parent / "shared" / "fixtures", Path("/work/shared/fixtures")]
     if "MLIPSERVE_FIXTURES" in os.environ:
         candidates.insert(0, Path(os.environ["MLIPSERVE_FIXTURES"]))
     return next((c for c in candidates if (c / "kuberay").is_dir()), candidates[0])

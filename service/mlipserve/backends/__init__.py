@@ -12,6 +12,8 @@ from mlipserve.config import ModelConfig
 ENTRY_POINT_GROUP = "mlipserve.backends"
 BUILTIN = {
     "chgnet": "mlipserve.backends.chgnet:CHGNetBackend",
+    "mace": "mlipserve.backends.mace:MACEBackend",
+    "sevennet": "mlipserve.backends.sevennet:SevenNetBackend",
 }
 
 
