@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,30 +48,97 @@ def _poll_health(address: str, seen: list[str], done: threading.Event) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def server() -> RunningServer:
-    """Real Ray Serve application serving CHGNet 0.3.0 over gRPC on a free loopback port."""
-    from mlipserve import runtime
-    from mlipserve.config import DeploymentConfig, ModelConfig, ServiceConfig
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-    config = ServiceConfig(
-        models=(ModelConfig(id=CHGNET_ID, backend="chgnet", options={"version": "0.3.0"}),),
-        deployments={"chgnet": DeploymentConfig(num_cpus=1)},
+
+def _mace(stem: str, dtype: str = "float64", route: str = "state_dict") -> dict:
+    path = FIXTURES / "mace" / stem
+    if route == "checkpoint":
+        return {"checkpoint": f"{path}.model", "dtype": dtype}
+    return {"state_dict": f"{path}.state_dict.pt", "config": f"{path}.config.json", "dtype": dtype}
+
+
+def session_config(plugin_path: Path):
+    """What the session server serves: every built-in backend family, a plugin, a composite model,
+    a family small enough to make its LRU evict, and a checkpoint that cannot load."""
+    from mlipserve.config import BatchingConfig, DeploymentConfig, ModelConfig, ServiceConfig
+    from mlipserve_client.types import Dispersion
+
+    unmerged = BatchingConfig(budget=0)
+    one_thread = DeploymentConfig(num_cpus=0.5)
+    return ServiceConfig(
+        models=(
+            ModelConfig(id=CHGNET_ID, backend="chgnet", options={"version": "0.3.0"}),
+            ModelConfig(id=f"{CHGNET_ID}+d3", backend="chgnet", options={"version": "0.3.0"}, batching=unmerged,
+                        corrections=(Dispersion("pbe", "bj"),)),
+            # Merging forced on (a budget without a probe) so that tests can see batches form.
+            ModelConfig(id="mace-tiny", backend="mace", options=_mace("tiny_mace_untrained"),
+                        batching=BatchingConfig(budget=1e9, max_wait_ms=100)),
+            ModelConfig(id="mace-gst", backend="mace", options=_mace("mace_swa_GeSbTe"), batching=unmerged),
+            ModelConfig(id="mace-broken", backend="mace", options={"checkpoint": "/nonexistent/broken.model"}),
+            ModelConfig(id="lru-a", backend="mace", family="mace-lru", options=_mace("tiny_mace_untrained"),
+                        batching=unmerged),
+            ModelConfig(id="lru-b", backend="mace", family="mace-lru",
+                        options=_mace("tiny_mace_untrained", route="checkpoint"), batching=unmerged),
+            ModelConfig(id="sevennet-0", backend="sevennet", options={"checkpoint": "7net-0"}, batching=unmerged),
+            ModelConfig(id="emt", backend="emt", batching=unmerged),
+        ),
+        deployments={
+            "chgnet": one_thread,
+            "mace": DeploymentConfig(num_cpus=0.5, max_models_per_replica=2),
+            "mace-lru": DeploymentConfig(num_cpus=0.25, max_models_per_replica=1),
+            "sevennet": one_thread,
+            # A plugin installed where the replicas find it: here through the runtime_env.
+            "emt": DeploymentConfig(num_cpus=0.25, runtime_env={"env_vars": {"PYTHONPATH": str(plugin_path)}}),
+        },
     )
+
+
+@pytest.fixture(scope="session")
+def emt_plugin(tmp_path_factory) -> Path:
+    """The example plugin (examples/mlipserve-emt) pip-installed into a directory of its own."""
+    import subprocess
+    import sys
+
+    target = tmp_path_factory.mktemp("emt-plugin")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLES / "mlipserve-emt")], check=True, timeout=300)
+    sys.path.insert(0, str(target))
+    yield target
+    sys.path.remove(str(target))
+
+
+@pytest.fixture(scope="session")
+def server(emt_plugin) -> RunningServer:
+    """Real Ray Serve application serving session_config() over gRPC on a free loopback port."""
+    from mlipserve import runtime
+
     port = runtime.free_port()
-    runtime.start_ray(num_cpus=2)
+    # Logical CPUs: five model replicas of 0.25-0.5 CPU each share this machine's two cores.
+    runtime.start_ray(num_cpus=4)
     runtime.start_serve(grpc_port=port)
     running = RunningServer(address=f"localhost:{port}", port=port)
     done = threading.Event()
     poller = threading.Thread(target=_poll_health, args=(running.address, running.startup_health, done), daemon=True)
     poller.start()
     try:
-        runtime.deploy(config)
+        runtime.deploy(session_config(emt_plugin))
         poller.join(timeout=60)
         yield running
     finally:
         done.set()
         runtime.stop_local()
+
+
+def family_handle(family: str):
+    """A handle to a family deployment of the session server, for introspection."""
+    from ray import serve
+
+    from mlipserve.app import deployment_name
+    from mlipserve.runtime import APP_NAME
+
+    return serve.get_deployment_handle(deployment_name(family), app_name=APP_NAME)
 
 
 @pytest.fixture(scope="session")

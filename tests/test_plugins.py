@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from ase.build import bulk, fcc111, molecule
@@ -18,19 +14,7 @@ from mlipserve.config import ModelConfig
 from mlipserve_client.convert import system_from_atoms
 from mlipserve_client.types import Property
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mlipserve-emt"
 ALL = frozenset({Property.ENERGY, Property.FORCES, Property.STRESS, Property.ENERGIES})
-
-
-@pytest.fixture(scope="session")
-def emt_plugin(tmp_path_factory) -> Path:
-    """The example plugin pip-installed into a directory of its own (put on sys.path)."""
-    target = tmp_path_factory.mktemp("emt-plugin")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, timeout=300)
-    sys.path.insert(0, str(target))
-    yield target
-    sys.path.remove(str(target))
 
 
 def test_entry_point_finds_the_plugin(emt_plugin):

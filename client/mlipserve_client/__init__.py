@@ -18,6 +18,8 @@ _LAZY = {
     "ServiceError": "mlipserve_client.errors",
     "ServiceInputError": "mlipserve_client.errors",
     "InvalidSystemError": "mlipserve_client.errors",
+    "Dispersion": "mlipserve_client.types",
+    "Electrostatics": "mlipserve_client.types",
     "ModelInfo": "mlipserve_client.types",
     "Property": "mlipserve_client.types",
     "Result": "mlipserve_client.types",
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from mlipserve_client.calculator import RemoteCalculator
     from mlipserve_client.client import MLIPClient
     from mlipserve_client.errors import InvalidSystemError, ServiceError, ServiceInputError
-    from mlipserve_client.types import ModelInfo, Property, Result, System
+    from mlipserve_client.types import Dispersion, Electrostatics, ModelInfo, Property, Result, System
 
 
 def __getattr__(name: str):

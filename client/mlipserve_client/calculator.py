@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from mlipserve_client.client import DEFAULT_TIMEOUT_S, MLIPClient
-from mlipserve_client.types import Property
+from mlipserve_client.types import Correction, Property
 
 # ASE asks for one property at a time (forces, then energy); asking the server for energy and forces
 # together costs one backward pass and saves a round trip per MD step.
@@ -24,9 +26,11 @@ _ASE_TO_PROPERTY = {
 class RemoteCalculator(Calculator):
     """Energies, forces and stress from ``model`` served at ``address`` ("host:port").
 
-    Drop-in for a local calculator: works with ASE MD, optimizers and cell filters. ``timeout`` (s)
-    bounds each call; errors raise ServiceError (an ASE CalculationFailed) or ServiceInputError
-    (also an ASE InputError) carrying the gRPC status and the server's message.
+    Drop-in for a local calculator: works with ASE MD, optimizers and cell filters. ``task`` picks a
+    head or fidelity of multi-task models; ``corrections`` (Electrostatics, Dispersion) are added at
+    serving time. ``timeout`` (s) bounds each call; errors raise ServiceError (an ASE
+    CalculationFailed) or ServiceInputError (also an ASE InputError) carrying the gRPC status and the
+    server's message.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "magmoms"]
@@ -36,6 +40,8 @@ class RemoteCalculator(Calculator):
         address: str,
         model: str,
         *,
+        task: str = "",
+        corrections: Sequence[Correction] = (),
         timeout: float = DEFAULT_TIMEOUT_S,
         client: MLIPClient | None = None,
         **kwargs,
@@ -43,6 +49,12 @@ class RemoteCalculator(Calculator):
         super().__init__(**kwargs)
         # parameters are what ASE writes into trajectories and uses in todict(): JSON-safe values only.
         self.parameters.update(address=address, model=model, timeout=timeout)
+        if task:
+            self.parameters["task"] = task
+        if corrections:
+            self.parameters["corrections"] = [c.name for c in corrections]
+        self.task = task
+        self.corrections = tuple(corrections)
         self.client = client or MLIPClient(address, model=model, timeout=timeout)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
@@ -50,7 +62,8 @@ class RemoteCalculator(Calculator):
         wanted = _ALWAYS | {_ASE_TO_PROPERTY[p] for p in properties}
         if Property.STRESS in wanted and self.atoms.cell.rank < 3:
             raise PropertyNotImplementedError("stress needs a cell with three independent vectors")
-        (result,) = self.client.compute(self.atoms, wanted, model=self.parameters["model"])
+        (result,) = self.client.compute(self.atoms, wanted, model=self.parameters["model"], task=self.task,
+                                        corrections=self.corrections)
         self.results = result.as_ase_results()
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ from ase import Atoms
 
 from mlipserve_client import convert
 from mlipserve_client.errors import ServiceError, ServiceInputError
-from mlipserve_client.types import DEFAULT_PROPERTIES, ComputeRequest, ModelInfo, Property, Result, System
+from mlipserve_client.types import DEFAULT_PROPERTIES, ComputeRequest, Correction, ModelInfo, Property, Result, System
 from mlipserve_client.v1 import models_pb2, service_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -74,16 +74,23 @@ class MLIPClient:
         properties: Iterable[Property | str] = DEFAULT_PROPERTIES,
         *,
         model: str | None = None,
+        task: str = "",
+        corrections: Sequence[Correction] = (),
         timeout: float | None = None,
     ) -> list[Result]:
-        """Evaluate one model on one or more systems in one call; results come back in order."""
+        """Evaluate one model on one or more systems in one call; results come back in order.
+
+        ``task`` picks a head or fidelity of multi-task models (ModelInfo.tasks); ``corrections``
+        (Electrostatics, Dispersion) are added to the model's energy, forces and stress, and each
+        one's energy is reported in ``Result.corrections``."""
         if isinstance(systems, (Atoms, System)):
             systems = [systems]
         model = model or self.model
         if not model:
             raise ValueError("no model given: pass model= here or to MLIPClient")
         typed = tuple(s if isinstance(s, System) else convert.system_from_atoms(s) for s in systems)
-        request = ComputeRequest(model=model, systems=typed, properties=frozenset(Property(p) for p in properties))
+        request = ComputeRequest(model=model, systems=typed, properties=frozenset(Property(p) for p in properties),
+                                 task=task, corrections=tuple(corrections))
         try:
             response = self._stub.Compute(
                 convert.compute_request_to_proto(request), timeout=timeout or self.timeout
