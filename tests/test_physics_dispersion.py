@@ -17,7 +17,8 @@ from test_physics_electrostatics import ALL, check_derivatives, system_of
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError
 from mlipserve.physics.base import Correction
-from mlipserve.physics.dispersion import BJ, ZERO, D3Dispersion, damping_parameters
+from mlipserve.physics.d3_parameters import BJ, ZERO, damping_parameters
+from mlipserve.physics.dispersion import D3Dispersion
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 

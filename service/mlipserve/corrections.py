@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from mlipserve.errors import InvalidSystemError
+from mlipserve.physics.d3_parameters import damping_parameters
 from mlipserve_client.types import Correction, Dispersion, Electrostatics, ModelInfo, Property, System
 
 _KINDS = {Electrostatics: "electrostatics", Dispersion: "dispersion"}
@@ -32,7 +33,7 @@ def resolve_corrections(info: ModelInfo, requested: Sequence[Correction], system
         if isinstance(correction, Electrostatics):
             correction = _resolve_electrostatics(info, correction, systems, where)
         else:
-            _check_dispersion(systems)
+            _check_dispersion(correction, systems, where)
         seen[kind] = correction
         resolved.append(correction)
     return tuple(resolved)
@@ -68,7 +69,11 @@ def _resolve_electrostatics(info: ModelInfo, spec: Electrostatics, systems: Sequ
     return dataclasses.replace(spec, charges=charges)
 
 
-def _check_dispersion(systems: Sequence[System]) -> None:
+def _check_dispersion(spec: Dispersion, systems: Sequence[System], where: str) -> None:
+    try:
+        damping_parameters(spec.functional, spec.damping)
+    except ValueError as error:
+        raise InvalidSystemError(f"{where}.dispersion", str(error)) from None
     for i, system in enumerate(systems):
         beyond = system.numbers > _D3_MAX_Z
         if beyond.any():

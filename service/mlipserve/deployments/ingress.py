@@ -22,7 +22,7 @@ from mlipserve.errors import ModelNotFoundError, ModelUnavailableError, UnknownH
 from mlipserve.status import grpc_method, status_for
 from mlipserve_client import convert
 from mlipserve_client.client import SERVICE_NAME
-from mlipserve_client.types import ModelInfo, ModelStatus
+from mlipserve_client.types import Electrostatics, ModelInfo, ModelStatus, Property
 from mlipserve_client.v1 import compute_pb2, models_pb2
 
 logger = logging.getLogger("mlipserve.ingress")
@@ -95,7 +95,11 @@ class MLIPIngress:
             raise ModelUnavailableError(compute.model, info.status_message)
         # The one place requests are checked against the model: a bad request never reaches it.
         check_request(info, compute.systems, compute.properties, compute.task)
-        compute = dataclasses.replace(compute, corrections=resolve_corrections(info, compute.corrections, compute.systems))
+        corrections = resolve_corrections(info, compute.corrections, compute.systems)
+        if any(isinstance(c, Electrostatics) for c in corrections):
+            # The charges electrostatics used come back with every result.
+            compute = dataclasses.replace(compute, properties=compute.properties | {Property.CHARGES})
+        compute = dataclasses.replace(compute, corrections=corrections)
         results = await handle.compute.remote(compute)
         return compute_pb2.ComputeResponse(
             model=compute.model,

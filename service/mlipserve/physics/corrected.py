@@ -29,7 +29,9 @@ class CorrectedEvaluator:
         if not batch.corrections:
             return self._evaluate(batch)
         from_model = any(isinstance(c, Electrostatics) and c.charges == "model" for c in batch.corrections)
-        properties = batch.properties | ({Property.CHARGES} if from_model else set())
+        # The model is asked for charges only when a correction takes them from it; otherwise the
+        # charges a batch asks for are the ones the electrostatics correction reports.
+        properties = (batch.properties - {Property.CHARGES}) | ({Property.CHARGES} if from_model else set())
         results = self._evaluate(dataclasses.replace(batch, properties=frozenset(properties), corrections=()))
         model_charges = [r.charges for r in results] if from_model else None
         for spec in batch.corrections:
