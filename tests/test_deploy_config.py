@@ -63,3 +63,16 @@ def test_unknown_keys_are_rejected_by_name():
         ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet", "batching": {"wait_ms": 1}}]})
     with pytest.raises(ValueError, match="without models: mace"):
         ServiceConfig.from_dict({"models": [{"id": "x", "backend": "chgnet"}], "deployments": {"mace": {}}})
+
+
+def test_example_models_configs_parse():
+    from mlipserve.config import ServiceConfig
+
+    for path in (CONFIG.parent / "models").glob("*.yaml"):
+        config = ServiceConfig.from_dict(yaml.safe_load(path.read_text()))
+        assert config.models, path
+    fairchem = ServiceConfig.from_dict(yaml.safe_load((CONFIG.parent / "models" / "fairchem.yaml").read_text()))
+    assert fairchem.deployment("fairchem").runtime_env["pip"]["pip_check"] is False
+    catalog = ServiceConfig.catalog()
+    assert catalog.model("sevennet-mf-0").family_name == "sevennet-mf"
+    assert "sevenn==0.13.0" in catalog.deployment("sevennet-mf").runtime_env["pip"]["packages"]

@@ -14,6 +14,8 @@ BUILTIN = {
     "chgnet": "mlipserve.backends.chgnet:CHGNetBackend",
     "mace": "mlipserve.backends.mace:MACEBackend",
     "sevennet": "mlipserve.backends.sevennet:SevenNetBackend",
+    # Importable only in an environment with fairchem-core (e3nn >= 0.5): see deploy/models/fairchem.yaml.
+    "fairchem": "mlipserve.backends.fairchem:FAIRChemBackend",
 }
 
 
