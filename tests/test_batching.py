@@ -216,3 +216,17 @@ def test_peak_memory_sees_an_allocation():
         time.sleep(0.05)
         del block
     assert memory.peak_bytes > 200e6
+
+
+def test_a_lone_client_never_waits_for_company(backend, lanes):
+    """With a long max_wait, sequential requests still start at once: nobody else is coming."""
+    si = system_from_atoms(bulk("Si", cubic=True))
+    queue = _queue(backend, lanes, budget=math.inf, max_wait_s=5.0)
+
+    async def sequential():
+        for _ in range(4):
+            await queue.submit(ComputeRequest("chgnet", (si,), EF))
+
+    asyncio.run(sequential())
+    assert [r.n_requests for r in queue.history] == [1, 1, 1, 1]
+    assert max(r.queued_s for r in queue.history) < 2.5

@@ -5,7 +5,9 @@ function that estimates a system's cost ("work", in the backend's units: ~ atoms
 
 - Requests for the same task and corrections are merged until the batch's work reaches the budget
   or the first request has waited ``max_wait_s``; one request's systems are never split across
-  queued batches.
+  queued batches. A lone client never waits: the queue holds a batch open only when requests are
+  arriving concurrently (others queued, or the last batch merged several), so merging costs no
+  latency at low load and fills batches at high load.
   A budget of 0 never merges.
 - Requests above ``large_system_atoms`` run on a lane (thread) of their own, one at a time, so a
   10^5-atom system never holds up the small ones behind it.
@@ -59,6 +61,7 @@ class BatchRecord:
     n_atoms: int
     work: float
     seconds: float
+    queued_s: float = 0.0  # how long the batch's first request waited before the pass started
 
 
 class BatchObserver(Protocol):
@@ -98,6 +101,7 @@ class _Lane:
         self.pending: collections.deque[PendingRequest] = collections.deque()
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
+        self.last_batch_requests = 0
 
 
 class BatchQueue:
@@ -187,7 +191,8 @@ class BatchQueue:
         batch, work = [first], first.work
         if lane.name == "large":
             return batch
-        deadline = first.enqueued_at + self.policy.max_wait_s
+        concurrent = bool(lane.pending) or lane.last_batch_requests > 1
+        deadline = first.enqueued_at + (self.policy.max_wait_s if concurrent else 0.0)
         while work < self.budget:
             if not lane.pending:
                 remaining = deadline - time.perf_counter()
@@ -211,6 +216,7 @@ class BatchQueue:
     async def _drain(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         while (batch := await self._next_batch(lane)) is not None:
+            lane.last_batch_requests = len(batch)
             try:
                 await loop.run_in_executor(lane.executor, self._run, batch, lane.name)
             except Exception:  # noqa: BLE001 - _run settles every future itself; this guards against bugs
@@ -224,6 +230,7 @@ class BatchQueue:
         units = [_Unit(p, k) for p in batch for k in range(len(p.request.systems))]
         properties = frozenset().union(*(p.request.properties for p in batch))
         start = time.perf_counter()
+        queued_s = start - batch[0].enqueued_at
         try:
             results = self._evaluate_units(units, properties, batch[0].request, depth=0)
         except Exception as error:  # noqa: BLE001 - isolated below: a request fails alone
@@ -236,7 +243,8 @@ class BatchQueue:
             return
         seconds = time.perf_counter() - start
         work = sum(p.work for p in batch)
-        self._record(BatchRecord(lane, len(batch), len(units), sum(p.request.n_atoms for p in batch), work, seconds))
+        self._record(BatchRecord(lane, len(batch), len(units), sum(p.request.n_atoms for p in batch), work, seconds,
+                                 queued_s))
         by_request: dict[int, list[Result]] = collections.defaultdict(list)
         for unit, result in zip(units, results, strict=True):
             by_request[id(unit.pending)].append(_only(result, unit.pending.request.properties))
