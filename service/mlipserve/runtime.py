@@ -16,6 +16,13 @@ OBJECT_STORE_BYTES = 256 * 1024**2
 
 # Serve logs a line per request by default: too much for a service answering every MD step.
 LOGGING = {"enable_access_log": False}
+# Read by Ray's processes at start: replica-to-replica calls over gRPC rather than Ray actor calls
+# (measured here: ~19 ms instead of ~25 ms per served request), without gRPC's 4 MB message cap.
+RAY_ENVIRONMENT = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+}
 
 
 def free_port() -> int:
@@ -28,7 +35,8 @@ def start_ray(num_cpus: int | None = None) -> None:
     """A local Ray instance in this process, without the dashboard and with a small object store."""
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in RAY_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     if not ray.is_initialized():
         ray.init(
             num_cpus=num_cpus,
