@@ -3,28 +3,22 @@
 Starts a local server (Ray + Serve gRPC proxy + the model), then alternates blocks of VelocityVerlet
 steps through RemoteCalculator, through the model package's own ASE calculator, and through the same
 backend in-process (the same work as the server does), so that machine noise hits all three alike.
-Writes results/md_step.json and results/md_step.png.
+Writes results/md_step_<model>.json and .png.
 
-    python benchmarks/md_step.py [--model chgnet-0.3.0] [--rounds 6] [--steps 10] [--num-cpus 2]
+    python benchmarks/md_step.py [--model chgnet-0.3.0|mace-mp-0-small-random] [--rounds 6]
+                                 [--steps 10] [--num-cpus 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
-from ase import units
-from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
-from ase.md.velocitydistribution import thermalize_momenta
-from ase.md.verlet import VelocityVerlet
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from bench_common import RESULTS, local_server, machine, md_step_times, si64, write_result
 
 
 class InProcessBackend(Calculator):
@@ -46,32 +40,21 @@ class InProcessBackend(Calculator):
         self.results = result.as_ase_results()
 
 
-def si64() -> object:
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True) * (2, 2, 2)
-    atoms.rattle(0.05, seed=7)
-    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(7))
-    return atoms
+def local_calculators(config):
+    """(the package's own ASE calculator, the server's backend in-process) for a catalog model."""
+    from mlipserve.backends import load_backend
 
+    backend = load_backend(config, "cpu")
+    if config.backend == "chgnet":
+        from chgnet.model.dynamics import CHGNetCalculator
 
-def step_times(atoms, calc, steps: int) -> list[float]:
-    atoms.calc = calc
-    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    stamps = []
-    dyn.attach(lambda: stamps.append(time.perf_counter()), interval=1)
-    dyn.run(steps)
-    return np.diff(stamps).tolist()
+        return CHGNetCalculator(model=backend.model, use_device="cpu"), InProcessBackend(backend)
+    if config.backend == "mace":
+        from mace.calculators import MACECalculator
 
-
-def local_calculators(model_id: str):
-    """(the package's own ASE calculator, the server's backend in-process) for ``model_id``."""
-    from chgnet.model.dynamics import CHGNetCalculator
-
-    from mlipserve.backends.chgnet import CHGNetBackend
-
-    if not model_id.startswith("chgnet-"):
-        raise SystemExit(f"no local reference for {model_id}")
-    backend = CHGNetBackend(model_id=model_id, version=model_id.removeprefix("chgnet-"))
-    return CHGNetCalculator(model=backend.model, use_device="cpu"), InProcessBackend(backend)
+        own = MACECalculator(models=[backend.model], device="cpu", default_dtype=backend.info.dtype)
+        return own, InProcessBackend(backend)
+    raise SystemExit(f"no local reference calculator for backend {config.backend}")
 
 
 def main() -> None:
@@ -82,44 +65,36 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2, help="torch threads, served and local")
     args = parser.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import torch
 
-    from mlipserve import runtime
-    from mlipserve.config import DeploymentConfig, ModelConfig, ServiceConfig
+    from mlipserve.config import ServiceConfig
     from mlipserve_client import RemoteCalculator
 
     torch.set_num_threads(args.num_cpus)
-    config = ServiceConfig(models=(ModelConfig(id=args.model, backend="chgnet",
-                                               options={"version": args.model.removeprefix("chgnet-")}),),
-                           deployments={"chgnet": DeploymentConfig(num_cpus=args.num_cpus)})
-    port = runtime.free_port()
+    config = ServiceConfig.catalog().select([args.model])
+    family = config.models[0].family_name
+    config = dataclasses.replace(config, deployments={
+        family: dataclasses.replace(config.deployment(family), num_cpus=args.num_cpus)})
     t0 = time.perf_counter()
-    runtime.start_ray()
-    runtime.start_serve(port)
-    runtime.deploy(config)
-    remote = RemoteCalculator(f"localhost:{port}", model=args.model)
-    remote.get_potential_energy(si64())
-    start_to_first_answer = time.perf_counter() - t0
-
-    own, in_process = local_calculators(args.model)
-    calculators = {"remote": remote, "local_package_calculator": own, "local_backend": in_process}
-    times = {name: [] for name in calculators}
-    try:
-        for name, calc in calculators.items():  # warm-up
-            step_times(si64(), calc, 3)
+    with local_server(config) as address:
+        remote = RemoteCalculator(address, model=args.model)
+        remote.get_potential_energy(si64())
+        start_to_first_answer = time.perf_counter() - t0
+        own, in_process = local_calculators(config.models[0])
+        calculators = {"remote": remote, "local_package_calculator": own, "local_backend": in_process}
+        times: dict[str, list[float]] = {name: [] for name in calculators}
+        for calc in calculators.values():  # warm-up
+            md_step_times(si64(), calc, 3)
         for _ in range(args.rounds):
             for name, calc in calculators.items():
-                times[name] += step_times(si64(), calc, args.steps)
-    finally:
-        runtime.stop_local()
+                times[name] += md_step_times(si64(), calc, args.steps)
 
     median = {name: float(np.median(t)) for name, t in times.items()}
     report = {
         "benchmark": "md_step",
         "model": args.model,
         "system": "Si diamond 2x2x2, 64 atoms, VelocityVerlet 1 fs",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.num_cpus}",
+        "machine": f"{machine()}, torch threads {args.num_cpus}",
         "server_start_to_first_answer_s": round(start_to_first_answer, 2),
         "steps_per_calculator": len(times["remote"]),
         "median_step_ms": {k: round(v * 1e3, 2) for k, v in median.items()},
@@ -127,13 +102,12 @@ def main() -> None:
         "ratio_remote_over_package_calculator": round(median["remote"] / median["local_package_calculator"], 3),
         "ratio_remote_over_backend_in_process": round(median["remote"] / median["local_backend"], 3),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "md_step.json").write_text(json.dumps(report, indent=2) + "\n")
-    _plot(times, report, RESULTS / "md_step.png")
+    write_result(f"md_step_{args.model}", report)
+    _plot(times, report)
     print(json.dumps(report, indent=2))
 
 
-def _plot(times: dict[str, list[float]], report: dict, path: Path) -> None:
+def _plot(times: dict[str, list[float]], report: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +120,8 @@ def _plot(times: dict[str, list[float]], report: dict, path: Path) -> None:
     ax.set_ylabel("MD step (ms)")
     ax.set_title(f"{report['model']}, 64-atom Si: remote/local = {report['ratio_remote_over_package_calculator']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(RESULTS / f"md_step_{report['model']}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Every benchmark in one command: remote vs local MD step (CHGNet and MACE-MP-0-small-shaped),
+serving throughput (ceiling, batching on/off, the i-PI socket peer), and the cost of the corrections.
+
+Each benchmark runs in its own process (each starts and stops its own local Ray), one after the
+other so that they do not compete for the CPUs. Their JSON and PNG land in results/; this script
+then writes results/summary.json and results/summary.md, the table the README quotes.
+
+    python benchmarks/run.py [--quick] [--device cpu|cuda] [--num-cpus 2] [--only md_step serving corrections]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import RESULTS, machine
+
+HERE = Path(__file__).resolve().parent
+MD_MODELS = ("chgnet-0.3.0", "mace-mp-0-small-random")
+
+
+def commands(args) -> dict[str, list[str]]:
+    """name → argv of each benchmark, sized by --quick."""
+    py = sys.executable
+    cpus = ["--num-cpus", str(args.num_cpus)]
+    runs: dict[str, list[str]] = {}
+    for model in MD_MODELS:
+        rounds = ["--rounds", "3", "--steps", "5"] if args.quick else []
+        runs[f"md_step_{model}"] = [py, "md_step.py", "--model", model, *cpus, *rounds]
+    clients = ["--clients", "1", "4", "--steps", "8"] if args.quick else []
+    runs["serving"] = [py, "serving.py", "--device", args.device, *cpus, *clients]
+    runs["corrections"] = [py, "corrections.py", "--threads", str(args.num_cpus // 2 or 1),
+                           *(["--quick"] if args.quick else [])]
+    return {name: argv for name, argv in runs.items() if any(name.startswith(o) for o in args.only)}
+
+
+def summary_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(what, measured, goal) rows from the benchmarks' own JSON."""
+    rows = []
+    for model in MD_MODELS:
+        md = results.get(f"md_step_{model}")
+        if md:
+            rows.append((f"remote / local MD step, {model}, 64-atom Si",
+                         f"{md['ratio_remote_over_package_calculator']} (vs the same backend in-process: "
+                         f"{md['ratio_remote_over_backend_in_process']})", "≤ 1.05"))
+            rows.append((f"server start → first answer, {model}", f"{md['server_start_to_first_answer_s']} s", ""))
+    serving = results.get("serving")
+    if serving:
+        for row in serving["rows"]:
+            n, on = row["clients"], row["served_batching_on"]
+            rows.append((f"served / in-process ceiling, {n} clients ({serving['model']}, 8–64 atoms)",
+                         f"{row['ratio_served_over_ceiling']:.2f} (p50 {on['p50_ms']} ms, p99 {on['p99_ms']} ms)",
+                         "≥ 0.9"))
+            rows.append((f"batching on / off, {n} clients", f"{row['ratio_batching_on_over_off']:.2f}", "≥ 1.0 on CPU"))
+            if "ratio_served_over_peer" in row:
+                rows.append((f"served / ASE SocketIOCalculator peer, {n} clients",
+                             f"{row['ratio_served_over_peer']:.2f}", ""))
+    corrections = results.get("corrections")
+    if corrections:
+        for name, ratio in corrections["ratio_to_chgnet_at_1000_atoms"].items():
+            rows.append((f"{name} cost / CHGNet energy+forces, 1,000 atoms", str(ratio), "≤ 0.3"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, clients and sizes (minutes, not an hour)")
+    parser.add_argument("--device", default="cpu", help="device of the served model in the serving benchmark")
+    parser.add_argument("--num-cpus", type=int, default=2, help="torch threads per replica and per local run")
+    parser.add_argument("--only", nargs="+", default=["md_step", "serving", "corrections"])
+    args = parser.parse_args()
+
+    results: dict[str, dict] = {}
+    failed: dict[str, int] = {}
+    for name, argv in commands(args).items():
+        print(f"== {name}: {' '.join(argv[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call(argv, cwd=HERE)
+        print(f"== {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
+        if rc != 0:
+            failed[name] = rc
+            continue
+        results[name] = json.loads((RESULTS / f"{name}.json").read_text())
+
+    rows = summary_rows(results)
+    table = ["| measured | value | goal |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    (RESULTS / "summary.md").write_text(f"Machine: {machine()}\n\n" + "\n".join(table) + "\n")
+    (RESULTS / "summary.json").write_text(json.dumps(
+        {"machine": machine(), "rows": [dict(zip(("what", "value", "goal"), r)) for r in rows],
+         "failed": failed}, indent=2))
+    print("\n".join(table))
+    if failed:
+        raise SystemExit(f"benchmarks failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
