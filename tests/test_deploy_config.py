@@ -13,6 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 from mlipserve.app import GRPC_SERVICER_FUNCTIONS, build_app
 from mlipserve.cli import load_service_config
 from mlipserve.config import ServiceConfig
+from mlipserve_client.types import Dispersion
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 
@@ -76,3 +77,6 @@ def test_example_models_configs_parse():
     catalog = ServiceConfig.catalog()
     assert catalog.model("sevennet-mf-0").family_name == "sevennet-mf"
     assert "sevenn==0.13.0" in catalog.deployment("sevennet-mf").runtime_env["pip"]["packages"]
+    composite = catalog.model("mace-mp-0-small-random+d3")
+    assert composite.corrections == (Dispersion("pbe", "bj"),)
+    assert composite.options == catalog.model("mace-mp-0-small-random").options

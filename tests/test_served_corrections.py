@@ -100,6 +100,18 @@ def test_qeq_charges_and_both_corrections_on_a_molecule(client):
     assert o < 0 < h1 and h1 == pytest.approx(h2) and result.charges.sum() == pytest.approx(0, abs=1e-10)
 
 
+def test_remote_calculator_reports_charges_and_correction_energies(server, client):
+    from ase.build import molecule
+
+    atoms = molecule("H2O")
+    atoms.calc = RemoteCalculator(server.address, model=CHGNET_ID, corrections=[Electrostatics(), Dispersion()])
+    (direct,) = client.compute(atoms, ("energy", "forces"), model=CHGNET_ID,
+                               corrections=[Electrostatics(), Dispersion()])
+    np.testing.assert_allclose(atoms.get_charges(), direct.charges, atol=1e-12)
+    assert atoms.calc.results["corrections"] == pytest.approx(direct.corrections, abs=1e-9)
+    assert atoms.get_potential_energy() == pytest.approx(direct.energy, abs=1e-9)
+
+
 @pytest.mark.parametrize(("corrections", "atoms", "words"), [
     ([Electrostatics(charges="request")], gete, "systems[0].atomic_charges"),
     ([Electrostatics(charges="model")], charged_gete, "does not predict charges"),

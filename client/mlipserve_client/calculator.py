@@ -20,6 +20,7 @@ _ASE_TO_PROPERTY = {
     "stress": Property.STRESS,
     "energies": Property.ENERGIES,
     "magmoms": Property.MAGMOMS,
+    "charges": Property.CHARGES,
 }
 
 
@@ -33,7 +34,7 @@ class RemoteCalculator(Calculator):
     server's message.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "magmoms"]
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "magmoms", "charges"]
 
     def __init__(
         self,
@@ -65,6 +66,8 @@ class RemoteCalculator(Calculator):
         (result,) = self.client.compute(self.atoms, wanted, model=self.parameters["model"], task=self.task,
                                         corrections=self.corrections)
         self.results = result.as_ase_results()
+        # Each correction's energy (eV, already in "energy"), e.g. {"d3(bj)-pbe": -0.42}.
+        self.results["corrections"] = dict(result.corrections)
 
     def close(self) -> None:
         self.client.close()
