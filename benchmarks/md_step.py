@@ -3,10 +3,11 @@
 Starts a local server (Ray + Serve gRPC proxy + the model), then alternates blocks of VelocityVerlet
 steps through RemoteCalculator, through the model package's own ASE calculator, and through the same
 backend in-process (the same work as the server does), so that machine noise hits all three alike.
+Also reports the resident memory of the model's replica and of this (local) process.
 Writes results/md_step_<model>.json and .png.
 
-    python benchmarks/md_step.py [--model chgnet-0.3.0|mace-mp-0-small-random] [--rounds 6]
-                                 [--steps 10] [--num-cpus 2]
+    python benchmarks/md_step.py [--model chgnet-0.3.0|mace-mp-0-small-random|sevennet-0] [--rounds 6]
+                                 [--steps 10] [--num-cpus 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -40,21 +41,42 @@ class InProcessBackend(Calculator):
         self.results = result.as_ase_results()
 
 
-def local_calculators(config):
+def local_calculators(config, device: str):
     """(the package's own ASE calculator, the server's backend in-process) for a catalog model."""
     from mlipserve.backends import load_backend
 
-    backend = load_backend(config, "cpu")
+    backend = load_backend(config, device)
     if config.backend == "chgnet":
         from chgnet.model.dynamics import CHGNetCalculator
 
-        return CHGNetCalculator(model=backend.model, use_device="cpu"), InProcessBackend(backend)
+        return CHGNetCalculator(model=backend.model, use_device=device), InProcessBackend(backend)
     if config.backend == "mace":
         from mace.calculators import MACECalculator
 
-        own = MACECalculator(models=[backend.model], device="cpu", default_dtype=backend.info.dtype)
+        own = MACECalculator(models=[backend.model], device=device, default_dtype=backend.info.dtype)
         return own, InProcessBackend(backend)
+    if config.backend == "sevennet":
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(config.options["checkpoint"], device=device), InProcessBackend(backend)
     raise SystemExit(f"no local reference calculator for backend {config.backend}")
+
+
+def psutil_rss_mb() -> float:
+    """Resident memory of this process, which holds the local calculators (and the client)."""
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def replica_rss_mb(family: str) -> float:
+    """Resident memory of the model family's Serve replica (Ray worker + torch + loaded models)."""
+    import psutil
+
+    name = f"ServeReplica:mlipserve:family:{family}"
+    found = [p.memory_info().rss for p in psutil.process_iter(["cmdline"])
+             if any(name in part for part in (p.info["cmdline"] or []))]
+    return round(max(found) / 2**20, 1) if found else float("nan")
 
 
 def main() -> None:
@@ -63,6 +85,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=10, help="MD steps per block")
     parser.add_argument("--num-cpus", type=int, default=2, help="torch threads, served and local")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, served and local")
     args = parser.parse_args()
 
     import torch
@@ -74,13 +97,14 @@ def main() -> None:
     config = ServiceConfig.catalog().select([args.model])
     family = config.models[0].family_name
     config = dataclasses.replace(config, deployments={
-        family: dataclasses.replace(config.deployment(family), num_cpus=args.num_cpus)})
+        family: dataclasses.replace(config.deployment(family), num_cpus=args.num_cpus, device=args.device,
+                                    num_gpus=1 if args.device.startswith("cuda") else 0)})
     t0 = time.perf_counter()
     with local_server(config) as address:
         remote = RemoteCalculator(address, model=args.model)
         remote.get_potential_energy(si64())
         start_to_first_answer = time.perf_counter() - t0
-        own, in_process = local_calculators(config.models[0])
+        own, in_process = local_calculators(config.models[0], args.device)
         calculators = {"remote": remote, "local_package_calculator": own, "local_backend": in_process}
         times: dict[str, list[float]] = {name: [] for name in calculators}
         for calc in calculators.values():  # warm-up
@@ -88,17 +112,21 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, calc in calculators.items():
                 times[name] += md_step_times(si64(), calc, args.steps)
+        replica_mb = replica_rss_mb(family)
+    local_mb = psutil_rss_mb()
 
     median = {name: float(np.median(t)) for name, t in times.items()}
     report = {
         "benchmark": "md_step",
         "model": args.model,
         "system": "Si diamond 2x2x2, 64 atoms, VelocityVerlet 1 fs",
-        "machine": f"{machine()}, torch threads {args.num_cpus}",
+        "machine": f"{machine()}, torch threads {args.num_cpus}, device {args.device}",
         "server_start_to_first_answer_s": round(start_to_first_answer, 2),
         "steps_per_calculator": len(times["remote"]),
         "median_step_ms": {k: round(v * 1e3, 2) for k, v in median.items()},
         "p99_step_ms": {k: round(float(np.percentile(t, 99)) * 1e3, 2) for k, t in times.items()},
+        "replica_rss_mb": replica_mb,
+        "local_process_rss_mb": local_mb,
         "ratio_remote_over_package_calculator": round(median["remote"] / median["local_package_calculator"], 3),
         "ratio_remote_over_backend_in_process": round(median["remote"] / median["local_backend"], 3),
     }

@@ -1,9 +1,11 @@
-"""Every benchmark in one command: remote vs local MD step (CHGNet and MACE-MP-0-small-shaped),
-serving throughput (ceiling, batching on/off, the i-PI socket peer), and the cost of the corrections.
+"""Every benchmark in one command: remote vs local MD step and memory (CHGNet, MACE-MP-0-small-shaped,
+SevenNet-0), serving throughput (ceiling, batching on/off, the i-PI socket peer), and the cost of
+the corrections.
 
 Each benchmark runs in its own process (each starts and stops its own local Ray), one after the
 other so that they do not compete for the CPUs. Their JSON and PNG land in results/; this script
-then writes results/summary.json and results/summary.md, the table the README quotes.
+then writes results/summary.json and results/summary.md (the table the README quotes) from the
+latest result of every benchmark, so that `--only NAME` reruns one and keeps the others.
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--num-cpus 2] [--only md_step serving corrections]
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from bench_common import RESULTS, machine
 
 HERE = Path(__file__).resolve().parent
-MD_MODELS = ("chgnet-0.3.0", "mace-mp-0-small-random")
+MD_MODELS = ("chgnet-0.3.0", "mace-mp-0-small-random", "sevennet-0")
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -30,7 +32,7 @@ def commands(args) -> dict[str, list[str]]:
     runs: dict[str, list[str]] = {}
     for model in MD_MODELS:
         rounds = ["--rounds", "3", "--steps", "5"] if args.quick else []
-        runs[f"md_step_{model}"] = [py, "md_step.py", "--model", model, *cpus, *rounds]
+        runs[f"md_step_{model}"] = [py, "md_step.py", "--model", model, "--device", args.device, *cpus, *rounds]
     clients = ["--clients", "1", "4", "--steps", "8"] if args.quick else []
     runs["serving"] = [py, "serving.py", "--device", args.device, *cpus, *clients]
     runs["corrections"] = [py, "corrections.py", "--threads", str(args.num_cpus // 2 or 1),
@@ -48,6 +50,10 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
                          f"{md['ratio_remote_over_package_calculator']} (vs the same backend in-process: "
                          f"{md['ratio_remote_over_backend_in_process']})", "≤ 1.05"))
             rows.append((f"server start → first answer, {model}", f"{md['server_start_to_first_answer_s']} s", ""))
+            rows.append((f"MD step served / local, {model} (ms)",
+                         f"{md['median_step_ms']['remote']} / {md['median_step_ms']['local_package_calculator']}", ""))
+            rows.append((f"memory: replica / local process, {model} (MB RSS)",
+                         f"{md['replica_rss_mb']} / {md['local_process_rss_mb']}", ""))
     serving = results.get("serving")
     if serving:
         for row in serving["rows"]:
@@ -69,7 +75,7 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, clients and sizes (minutes, not an hour)")
-    parser.add_argument("--device", default="cpu", help="device of the served model in the serving benchmark")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the models' device, served and local")
     parser.add_argument("--num-cpus", type=int, default=2, help="torch threads per replica and per local run")
     parser.add_argument("--only", nargs="+", default=["md_step", "serving", "corrections"])
     args = parser.parse_args()
@@ -83,9 +89,12 @@ def main() -> None:
         print(f"== {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failed[name] = rc
-            continue
-        results[name] = json.loads((RESULTS / f"{name}.json").read_text())
 
+    # The table covers every benchmark's latest result, so that rerunning one (--only) keeps the rest.
+    for name in commands(argparse.Namespace(**{**vars(args), "only": [""]})):
+        path = RESULTS / f"{name}.json"
+        if path.exists() and name not in failed:
+            results[name] = json.loads(path.read_text())
     rows = summary_rows(results)
     table = ["| measured | value | goal |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
     (RESULTS / "summary.md").write_text(f"Machine: {machine()}\n\n" + "\n".join(table) + "\n")
