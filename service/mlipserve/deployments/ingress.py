@@ -94,9 +94,12 @@ class MLIPIngress:
         if info.status is not ModelStatus.AVAILABLE:
             raise ModelUnavailableError(compute.model, info.status_message)
         # The one place requests are checked against the model: a bad request never reaches it.
-        check_request(info, compute.systems, compute.properties, compute.task)
+        # Electrostatics (asked for or baked in) provides charges whether or not the model has them.
+        with_charges = any(isinstance(c, Electrostatics) for c in (*info.corrections, *compute.corrections))
+        from_model = compute.properties - {Property.CHARGES} if with_charges else compute.properties
+        check_request(info, compute.systems, from_model, compute.task)
         corrections = resolve_corrections(info, compute.corrections, compute.systems)
-        if any(isinstance(c, Electrostatics) for c in corrections):
+        if with_charges:
             # The charges electrostatics used come back with every result.
             compute = dataclasses.replace(compute, properties=compute.properties | {Property.CHARGES})
         compute = dataclasses.replace(compute, corrections=corrections)
