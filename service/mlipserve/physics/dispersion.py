@@ -118,42 +118,46 @@ class D3Dispersion:
         and partner element first, leaving 5 products per pair.
         """
         module = self.module
-        # Coordination numbers: a counting function of rcov-scaled distances within cnthr.
-        near = r <= module.cnthr / Bohr
-        i_near, j_near, r_near = i[near], j[near], r[near]
-        rco = module.rcov[numbers[i_near]] + module.rcov[numbers[j_near]]
-        count = torch.sigmoid(d3_k1 * (rco / r_near - 1.0))
-        cn = count.new_zeros(len(numbers)).index_add(0, i_near, count).index_add(0, j_near, count)
-
         species, kind = torch.unique(numbers, return_inverse=True)  # kind: index into species
+        n_species = len(species)
+        # Per element pair, looked up per atom pair by one index: a pair's (element, element) kind.
+        pair_kind = kind[i] * n_species + kind[j]
+
+        def by_pair(table: torch.Tensor) -> torch.Tensor:
+            return table.reshape(-1)[pair_kind]
+
+        # Coordination numbers: a counting function of rcov-scaled distances within cnthr.
+        rcov = module.rcov[species]
+        count = torch.sigmoid(d3_k1 * (by_pair(rcov[:, None] + rcov[None, :]) / r - 1.0))
+        if module.cnthr < self.cutoff:
+            count = torch.where(r <= module.cnthr / Bohr, count, 0.0)
+        cn = count.new_zeros(len(numbers)).index_add(0, i, count).index_add(0, j, count)
+
         table = module.c6ab[species][:, species]  # (s, s, 5, 5, 3)
-        c6_ref = table[..., 0]
-        diagonal = torch.arange(len(species), device=numbers.device)
+        diagonal = torch.arange(n_species, device=numbers.device)
         cn_ref = table[diagonal, diagonal, :, 0, 1]  # (s, 5): the references' CN, per element
         exists = table[diagonal, diagonal, :, 0, 0] > 0  # (s, 5)
         logits = torch.where(exists[kind], d3_k3 * (cn[:, None] - cn_ref[kind]) ** 2, -torch.inf)
         weights = torch.softmax(logits, dim=1)  # (n, 5)
-        # partner[a, t, :] = wₐᵀ C6ref[Za, species t]: (n, s, 5)
-        partner = torch.einsum("na,ntab->ntb", weights, c6_ref[kind])
-        c6 = (partner[i, kind[j]] * weights[j]).sum(dim=1)
+        # partner[a, t, :] = wₐᵀ C6ref[Za, species t], (n·s, 5); C6ᵢⱼ = partner[i, Zj] · wⱼ
+        partner = torch.einsum("na,ntab->ntb", weights, table[..., 0][kind]).reshape(-1, 5)
+        c6 = (partner[i * n_species + kind[j]] * weights[j]).sum(dim=1)
 
-        r2r4 = module.r2r4[numbers]
-        qq = 3.0 * r2r4[i] * r2r4[j]  # C8 / C6
-        c8 = c6 * qq
+        r2r4 = module.r2r4[species]
+        c8_over_c6 = 3.0 * r2r4[:, None] * r2r4[None, :]  # (s, s)
         params = module.params
-        r2 = r * r
-        r6 = r2 ** 3
-        r8 = r6 * r2
+        r6 = r ** 6
+        r8 = r6 * r * r
         if self.damping == "bj":
-            radius = params["rs6"] * torch.sqrt(qq) + params["rs18"]
-            e6 = 1.0 / (r6 + radius ** 6)
-            e8 = 1.0 / (r8 + radius ** 8)
+            radius = params["rs6"] * torch.sqrt(c8_over_c6) + params["rs18"]
+            e6 = 1.0 / (r6 + by_pair(radius ** 6))
+            e8 = 1.0 / (r8 + by_pair(radius ** 8))
         else:
-            ratio = module.r0ab[numbers[i], numbers[j]] / r
+            ratio = by_pair(module.r0ab[species][:, species]) / r
             e6 = 1.0 / (1.0 + 6.0 * (params["rs6"] * ratio) ** params["alp"]) / r6
             e8 = 1.0 / (1.0 + 6.0 * (params["rs18"] * ratio) ** (params["alp"] + 2.0)) / r8
         # A half list holds each pair once: no factor 1/2.
-        return -(params["s6"] * c6 * e6 + params["s18"] * c8 * e8)
+        return -c6 * (params["s6"] * e6 + params["s18"] * by_pair(c8_over_c6) * e8)
 
 
 def _pairs(system: System, cutoff: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
