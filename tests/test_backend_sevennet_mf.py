@@ -29,8 +29,7 @@ if not _has_multi_fidelity(SEVENN_VERSION):
         allow_module_level=True,
     )
 
-from ase import Atoms  # noqa: E402
-from ase.build import bulk, fcc111, molecule  # noqa: E402
+from test_backend_sevennet import STRUCTURES  # noqa: E402  (the same bulk, slab and molecule)
 
 from mlipserve.backends.base import Backend, Batch, check_request  # noqa: E402
 from mlipserve.backends.sevennet import SevenNetBackend  # noqa: E402
@@ -60,26 +59,6 @@ def _calculator(modal: str):
     from sevenn.calculator import SevenNetCalculator
 
     return SevenNetCalculator(model="7net-mf-0", modal=modal, device="cpu")
-
-
-def si_bulk() -> Atoms:
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    atoms.rattle(stdev=0.03, seed=1)
-    atoms.set_cell(atoms.cell * 0.98, scale_atoms=True)  # compressed: non-zero stress
-    return atoms
-
-
-def cu_slab() -> Atoms:
-    atoms = fcc111("Cu", (2, 2, 3), vacuum=6.0)  # periodic in x and y only
-    atoms.rattle(stdev=0.02, seed=2)
-    return atoms
-
-
-def ethanol() -> Atoms:
-    return molecule("CH3CH2OH")  # no cell
-
-
-STRUCTURES = {"bulk": si_bulk, "slab": cu_slab, "molecule": ethanol}
 
 
 @cache

@@ -23,7 +23,15 @@ from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError, SystemTooLargeError
 from mlipserve.physics.base import Correction
 from mlipserve.physics.electrostatics import COULOMB, Electrostatics, Geometry
-from mlipserve.physics.qeq import RAPPE_GODDARD, QEq, QEqCorrection
+from mlipserve.physics.qeq import (
+    RAPPE_GODDARD,
+    QEq,
+    QEqCorrection,
+    _ShieldingTable,
+    principal_quantum_number,
+    slater_coulomb,
+    slater_exponent,
+)
 
 REQUIRED = "H Li Be B C N O F Na Mg Al Si P S Cl K Ca Ti Fe Cu Zn Ga Ge As Se Br Rb Sr Ag Sn Sb Te I Cs Ba Pt Au Pb"
 # Valence s shell of the elements the reference checks use, and Rappé & Goddard's λ.
@@ -338,3 +346,21 @@ def test_qeq_energy_of_a_distant_pair_is_analytic():
     chi_cl, j_cl, _ = RAPPE_GODDARD[17]
     expected = -((chi_cl - chi_na) ** 2) / (2 * (j_na + j_cl - 2 * COULOMB / 200))
     assert result.energy == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(("z_a", "z_b"), [(1, 1), (8, 1), (11, 17), (55, 53)])
+def test_tabulated_shielding_is_the_exact_integral(z_a, z_b):
+    """Pairs are interpolated from a per-element-pair table: value and slope equal the exact J."""
+    table = _ShieldingTable.build((z_a, z_b), 1e-6, torch.device("cpu"))
+    r = torch.linspace(0.4, float(table.cutoff[0, 1]) - 1e-3, 997, dtype=torch.float64).requires_grad_(True)
+    found = table.shielding(r, torch.tensor(0), torch.tensor(1))
+    exact = COULOMB * (slater_coulomb(r, torch.tensor(principal_quantum_number(z_a)),
+                                      torch.tensor(slater_exponent(z_a), dtype=torch.float64),
+                                      torch.tensor(principal_quantum_number(z_b)),
+                                      torch.tensor(slater_exponent(z_b), dtype=torch.float64)) - 1.0 / r)
+    (found_slope,) = torch.autograd.grad(found.sum(), r)
+    (exact_slope,) = torch.autograd.grad(exact.sum(), r)
+    np.testing.assert_allclose(found.detach(), exact.detach(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(found_slope, exact_slope, rtol=0, atol=1e-8)
+    beyond = table.shielding(table.cutoff[0, 1] + 0.1, torch.tensor(0), torch.tensor(1))
+    assert float(beyond) == 0.0

@@ -144,13 +144,23 @@ def fully_periodic(system: System, index: int, what: str) -> bool:
 # --- neighbour pairs ---------------------------------------------------------------------------------
 
 
-def neighbour_pairs(system: System, geometry: Geometry, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Half list of pairs (i, j, image) closer than ``cutoff``, self-images included, as
-    (indices (p, 2), distances (p,)); the distances are differentiable in the strained geometry."""
+PairList = tuple[np.ndarray, np.ndarray, np.ndarray]  # i, j, cell shifts
+
+
+def pair_list(system: System, cutoff: float) -> PairList:
+    """Half list of pairs (i, j, image shift) closer than ``cutoff``, self-images included."""
     box = system.cell if system.cell is not None else np.zeros((3, 3))
-    i, j, shifts = NeighborList(cutoff=cutoff, full_list=False).compute(
+    return NeighborList(cutoff=cutoff, full_list=False).compute(
         system.positions, box, system.pbc.tolist(), quantities="ijS"
     )
+
+
+def neighbour_pairs(system: System, geometry: Geometry, cutoff: float,
+                    found: PairList | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half list of pairs (i, j, image) closer than ``cutoff``, self-images included, as
+    (indices (p, 2), distances (p,)); the distances are differentiable in the strained geometry.
+    ``found``: that list, already computed (``pair_list``) for this system and cutoff."""
+    i, j, shifts = found if found is not None else pair_list(system, cutoff)
     device = geometry.r.device
     i = torch.as_tensor(i.astype(np.int64), device=device)
     j = torch.as_tensor(j.astype(np.int64), device=device)
@@ -350,6 +360,8 @@ class Electrostatics:
         if respond:
             energies = [self._with_charge_response(s, g, qi, e, solution)
                         for s, g, qi, e, solution in zip(systems, geometries, q, energies, solutions)]
+        if solutions is not None:
+            self.qeq.release_pairs()
         return results_from_energies(energies, geometries, charges)
 
     def _periodic(self, system: System, index: int) -> bool:
