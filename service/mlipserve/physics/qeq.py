@@ -522,9 +522,13 @@ class QEq:
 
     def _neighbour_pairs(self, system: System, geometry: Geometry, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
         last = self._last_pairs
-        if last is None or last[0] is not system or last[1] != cutoff:
+        if last is None or last[0] is not system or last[1] < cutoff:
             last = self._last_pairs = (system, cutoff, pair_list(system, cutoff))
-        return neighbour_pairs(system, geometry, cutoff, found=last[2])
+        pairs, distances = neighbour_pairs(system, geometry, last[1], found=last[2])
+        if last[1] > cutoff:  # the list of a longer cutoff (the matrix's Ewald one): keep what is closer
+            keep = distances < cutoff
+            pairs, distances = pairs[keep], distances[keep]
+        return pairs, distances
 
     def solve(self, systems: Sequence[System]) -> list[QEqSolution]:
         return [self.solve_system(i, system) for i, system in enumerate(systems)]
@@ -583,7 +587,9 @@ class QEq:
         params = self.parameters.get("ewald" if system.n_atoms < self.ewald_max_atoms else "pme", system.cell,
                                      system.n_atoms, self.accuracy)
         pairs, distances = self._neighbour_pairs(system, geometry, max(params.cutoff, self._shield_cutoff(species)))
-        potentials = periodic_potentials(y[:, None], system, geometry, params, pairs=(pairs, distances))
+        # The real-space sum needs only its own cutoff; the shielding's range can be longer.
+        close = distances < params.cutoff
+        potentials = periodic_potentials(y[:, None], system, geometry, params, pairs=(pairs[close], distances[close]))
         point = 2.0 * (x[:, None] * potentials).sum()
         i, j = pairs[:, 0], pairs[:, 1]
         shielding = self._shielding_table(species).shielding(distances, species.kind[i], species.kind[j])
