@@ -94,9 +94,9 @@ from mlipserve.physics.electrostatics import (
     DTYPE,
     EWALD_MAX_ATOMS,
     Geometry,
+    PairList,
     dense_pair_sums,
     fully_periodic,
-    PairList,
     neighbour_pairs,
     pair_list,
     periodic_potentials,
@@ -235,10 +235,10 @@ def _chunked(r: torch.Tensor, n_a: int, zeta_a: torch.Tensor, n_b: int, zeta_b: 
 
 
 # J_ab(r) of each element pair is tabulated (with J' and J'') on a uniform grid up to the pair's
-# shielding range and evaluated by quintic Hermite interpolation: ~30 flops per pair instead of the
-# exact formula's hundreds, and no autograd graph through it. The error is ~h⁶ J⁽⁶⁾/46080, below
+# shielding range and evaluated by quintic Hermite interpolation: ~30 flops per pair (and their
+# small autograd graph) instead of the exact formula's hundreds. The error is ~h⁶ J⁽⁶⁾/46080, below
 # 1e-12 eV for H-H (the steepest pair) at this step; values and derivatives at the nodes are exact.
-_TABLE_START = 0.05  # Å; closer atoms are refused before QEq runs
+_TABLE_START = 0.05  # Å; the service refuses atoms closer than 0.1 Å (mlipserve.geometry)
 _TABLE_STEP = 0.005  # Å
 
 
