@@ -7,6 +7,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from ase import Atoms
+from ase.build import fcc111
 from conftest import CHGNET_ID, ethanol_boxed, ethanol_no_cell, nacl_rattled, si_diamond
 
 from mlipserve_client import MLIPClient, convert
@@ -45,6 +47,30 @@ def test_molecule_without_cell_gets_the_boxed_answer(client, chgnet_calc):
     assert abs(served.energy - energy) / 9 < E_TOL_PER_ATOM
     np.testing.assert_allclose(served.forces, forces, atol=F_TOL, rtol=0)
     assert served.stress is None
+
+
+def cu_slab() -> Atoms:
+    """Cu(111), periodic in x and y only, vacuum wider than CHGNet's cutoff on both sides."""
+    atoms = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+    atoms.rattle(stdev=0.03, seed=3)
+    return atoms
+
+
+def test_slab_and_a_mixed_batch_equal_chgnet_calculator(client, chgnet_calc):
+    """A slab alone, then a bulk crystal, a slab and a molecule in one request: each equals CHGNet's
+    own calculator (the molecule its boxed answer, without stress)."""
+    systems = [si_diamond(), cu_slab(), ethanol_no_cell()]
+    references = [si_diamond(), cu_slab(), ethanol_boxed()]
+    (alone,) = client.compute(cu_slab(), ALL)
+    mixed = client.compute(systems, ALL)
+    for served, atoms in [(alone, references[1]), *zip(mixed, references, strict=True)]:
+        energy, forces, stress, energies, _ = _local(atoms, chgnet_calc)
+        assert abs(served.energy - energy) / len(atoms) < E_TOL_PER_ATOM
+        np.testing.assert_allclose(served.forces, forces, atol=F_TOL, rtol=0)
+        np.testing.assert_allclose(served.energies, energies, atol=E_TOL_PER_ATOM, rtol=0)
+        if atoms.pbc.any():
+            np.testing.assert_allclose(served.stress, stress, atol=S_TOL, rtol=0)
+    assert mixed[2].stress is None
 
 
 def test_many_systems_in_one_call_keep_their_order(client):
