@@ -12,7 +12,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from ase.units import Bohr, Hartree
-from test_physics_electrostatics import ALL, check_derivatives, system_of
+from test_physics_electrostatics import ALL, assert_batch_equals_one_by_one, check_derivatives, system_of
 
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError
@@ -120,16 +120,7 @@ def test_forces_and_stress_are_derivatives(make):
 
 def test_batch_equals_one_by_one():
     systems = tuple(system_of(make()) for make in (rattled_nacl, ethanol, rattled_silicon, small_slab))
-    correction = D3Dispersion()
-    merged = correction.compute(Batch(systems, ALL))
-    for system, result in zip(systems, merged, strict=True):
-        (alone,) = correction.compute(Batch((system,), ALL))
-        assert result.energy == pytest.approx(alone.energy, rel=1e-12)
-        np.testing.assert_allclose(result.forces, alone.forces, atol=1e-12)
-        if system.cell is None:
-            assert result.stress is None
-        else:
-            np.testing.assert_allclose(result.stress, alone.stress, atol=1e-14)
+    assert_batch_equals_one_by_one(D3Dispersion(), systems, f_tol=1e-12, s_tol=1e-14)
 
 
 def test_unknown_names_and_elements():

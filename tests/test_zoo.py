@@ -9,11 +9,9 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from ase import units
 from ase.build import bulk, fcc111
 from ase.calculators.emt import EMT
 from ase.md.velocitydistribution import thermalize_momenta
-from ase.md.verlet import VelocityVerlet
 from conftest import CHGNET_ID, family_handle
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_backend_conformance import hco_bulk, hco_molecule, hco_slab
@@ -22,6 +20,7 @@ from test_backend_mace import _calculator as mace_calculator
 from test_backend_mace import gete, gete_slab, gst_frame
 from test_backend_sevennet import _assert_equals_calculator as assert_equals_sevennet
 from test_backend_sevennet import cu_slab, ethanol, si_bulk
+from test_dynamics import _trajectory as trajectory
 
 from mlipserve_client import MLIPClient, RemoteCalculator
 from mlipserve_client.errors import ServiceError, ServiceInputError
@@ -197,15 +196,6 @@ def test_concurrent_requests_merge_into_batches(server):
     assert max(r.n_requests for r in history[len(structures):]) > 1, history
 
 
-def _md(atoms, calc, steps):
-    atoms.calc = calc
-    positions = []
-    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    dyn.attach(lambda: positions.append(atoms.positions.copy()), interval=1)
-    dyn.run(steps)
-    return np.array(positions)
-
-
 @pytest.mark.parametrize("model", ["mace-gst", "sevennet-0"])
 def test_50_md_steps_follow_the_local_trajectory(server, model):
     if model == "mace-gst":
@@ -215,7 +205,7 @@ def test_50_md_steps_follow_the_local_trajectory(server, model):
 
         start, local = si_bulk(), _calculator("7net-0")
     thermalize_momenta(start, temperature_K=600, rng=np.random.default_rng(11))
-    remote = _md(start.copy(), RemoteCalculator(server.address, model=model, timeout=300), 50)
-    reference = _md(start.copy(), local, 50)
+    remote, _ = trajectory(start.copy(), RemoteCalculator(server.address, model=model, timeout=300), 50)
+    reference, _ = trajectory(start.copy(), local, 50)
     tolerance = 1e-8 if model == "mace-gst" else 1e-4  # float64 vs float32
     assert np.abs(remote - reference).max() < tolerance
