@@ -57,7 +57,7 @@ def corrections() -> dict[str, tuple[object, bool]]:
     """name -> (correction, periodic system?)."""
     from mlipserve.physics.dispersion import D3Dispersion
     from mlipserve.physics.electrostatics import Electrostatics
-    from mlipserve.physics.qeq import QEqCorrection
+    from mlipserve.physics.qeq_corrections import QEqCorrection
 
     return {
         "pme": (Electrostatics(method="pme"), True),

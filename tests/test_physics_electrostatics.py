@@ -16,7 +16,8 @@ from ase.build import bulk
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError
 from mlipserve.physics.base import Correction
-from mlipserve.physics.electrostatics import COULOMB, Electrostatics
+from mlipserve.physics.coulomb import COULOMB
+from mlipserve.physics.qeq_corrections import Electrostatics
 from mlipserve_client.convert import system_from_atoms
 from mlipserve_client.types import Property, System
 
@@ -237,7 +238,7 @@ def test_charged_cell_energy_is_independent_of_the_smearing():
     the (unphysical) smearing σ."""
     import torch
 
-    from mlipserve.physics.electrostatics import Geometry, periodic_potentials
+    from mlipserve.physics.coulomb import Geometry, periodic_potentials
     from mlipserve.physics.tuning import EwaldParameters, ewald_parameters
 
     atoms = bulk("NaCl", "rocksalt", a=5.64, cubic=True)

@@ -22,16 +22,11 @@ from test_physics_electrostatics import ALL, ENERGY, check_derivatives, system_o
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError, SystemTooLargeError
 from mlipserve.physics.base import Correction
-from mlipserve.physics.electrostatics import COULOMB, Electrostatics, Geometry
-from mlipserve.physics.qeq import (
-    RAPPE_GODDARD,
-    QEq,
-    QEqCorrection,
-    _ShieldingTable,
-    principal_quantum_number,
-    slater_coulomb,
-    slater_exponent,
-)
+from mlipserve.physics.coulomb import COULOMB, Geometry
+from mlipserve.physics.qeq import QEq
+from mlipserve.physics.qeq_corrections import Electrostatics, QEqCorrection
+from mlipserve.physics.qeq_parameters import RAPPE_GODDARD, principal_quantum_number, slater_exponent
+from mlipserve.physics.slater import _ShieldingTable, slater_coulomb
 
 REQUIRED = "H Li Be B C N O F Na Mg Al Si P S Cl K Ca Ti Fe Cu Zn Ga Ge As Se Br Rb Sr Ag Sn Sb Te I Cs Ba Pt Au Pb"
 # Valence s shell of the elements the reference checks use, and Rappé & Goddard's λ.

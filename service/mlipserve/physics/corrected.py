@@ -57,7 +57,8 @@ class CorrectedEvaluator:
 def build_correction(spec: Correction, model_cutoff: float, device: str) -> PhysicsCorrection:
     """The physics object of a correction specification (mlipserve_client.types)."""
     if isinstance(spec, Electrostatics):
-        from mlipserve.physics.electrostatics import Electrostatics as Coulomb
+        # Not electrostatics' own class: this one builds the QEq that charges="qeq" come from.
+        from mlipserve.physics.qeq_corrections import Electrostatics as Coulomb
 
         radius = model_cutoff if spec.exclusion_radius is None else spec.exclusion_radius
         # A smooth 1 Å switch keeps MD energies continuous as pairs cross the exclusion radius.

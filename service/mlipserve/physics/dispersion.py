@@ -30,7 +30,7 @@ from mlipserve.backends.base import Batch
 from mlipserve.errors import UnsupportedElementError
 from mlipserve.physics.d3_parameters import damping_parameters
 from mlipserve.physics.base import CorrectionResult
-from mlipserve.physics.electrostatics import DTYPE, Geometry, results_from_energies, wants
+from mlipserve.physics.coulomb import DTYPE, Geometry, results_from_energies, wants
 from mlipserve_client.types import System
 
 # torch-dftd's D3 reference data covers Z = 1..94.
