@@ -1,4 +1,4 @@
-"""Shared fixtures: one real local Ray + Serve + gRPC proxy per test session, and local references.
+"""Shared fixtures: one real local Ray + Serve application per test session, and local references.
 
 Integration tests share one server (starting Ray and loading a model costs ~20 s); each test that
 needs its own server starts it itself on a free port.
@@ -59,10 +59,10 @@ def _mace(stem: str, dtype: str = "float64", route: str = "state_dict") -> dict:
     return {"state_dict": f"{path}.state_dict.pt", "config": f"{path}.config.json", "dtype": dtype}
 
 
-def session_config(plugin_path: Path):
+def session_config(plugin_path: Path, port: int):
     """What the session server serves: every built-in backend family, a plugin, a composite model,
     a family small enough to make its LRU evict, and a checkpoint that cannot load."""
-    from mlipserve.config import BatchingConfig, DeploymentConfig, ModelConfig, ServiceConfig
+    from mlipserve.config import BatchingConfig, DeploymentConfig, ModelConfig, ServerConfig, ServiceConfig
     from mlipserve_client.types import Dispersion
 
     unmerged = BatchingConfig(budget=0)
@@ -92,6 +92,7 @@ def session_config(plugin_path: Path):
             # A plugin installed where the replicas find it: here through the runtime_env.
             "emt": DeploymentConfig(num_cpus=0.25, runtime_env={"env_vars": {"PYTHONPATH": str(plugin_path)}}),
         },
+        server=ServerConfig(port=port),
     )
 
 
@@ -111,19 +112,20 @@ def emt_plugin(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(emt_plugin) -> RunningServer:
-    """Real Ray Serve application serving session_config() over gRPC on a free loopback port."""
+    """Real Ray Serve application serving session_config() over gRPC on a free loopback port: every
+    family replica runs the front door on that port."""
     from mlipserve import runtime
 
     port = runtime.free_port()
     # Logical CPUs: five model replicas of 0.25-0.5 CPU each share this machine's two cores.
     runtime.start_ray(num_cpus=4)
-    runtime.start_serve(grpc_port=port)
+    runtime.start_serve()
     running = RunningServer(address=f"localhost:{port}", port=port)
     done = threading.Event()
     poller = threading.Thread(target=_poll_health, args=(running.address, running.startup_health, done), daemon=True)
     poller.start()
     try:
-        runtime.deploy(session_config(emt_plugin))
+        runtime.deploy(session_config(emt_plugin, port))
         poller.join(timeout=60)
         yield running
     finally:
@@ -135,7 +137,7 @@ def family_handle(family: str):
     """A handle to a family deployment of the session server, for introspection."""
     from ray import serve
 
-    from mlipserve.app import deployment_name
+    from mlipserve.deployments.model import deployment_name
     from mlipserve.runtime import APP_NAME
 
     return serve.get_deployment_handle(deployment_name(family), app_name=APP_NAME)

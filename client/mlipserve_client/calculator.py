@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -29,9 +30,10 @@ class RemoteCalculator(Calculator):
 
     Drop-in for a local calculator: works with ASE MD, optimizers and cell filters. ``task`` picks a
     head or fidelity of multi-task models; ``corrections`` (Electrostatics, Dispersion) are added at
-    serving time. ``timeout`` (s) bounds each call; errors raise ServiceError (an ASE
-    CalculationFailed) or ServiceInputError (also an ASE InputError) carrying the gRPC status and the
-    server's message.
+    serving time. ``token`` (default: $MLIPSERVE_TOKEN) and ``tls`` (True, or the root certificate's
+    PEM path) are MLIPClient's; pass ``client=`` for mutual TLS. ``timeout`` (s) bounds each call,
+    retries included; errors raise ServiceError (an ASE CalculationFailed) or ServiceInputError (also
+    an ASE InputError) carrying the gRPC status and the server's message.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "magmoms", "charges"]
@@ -44,6 +46,8 @@ class RemoteCalculator(Calculator):
         task: str = "",
         corrections: Sequence[Correction] = (),
         timeout: float = DEFAULT_TIMEOUT_S,
+        token: str | None = None,
+        tls: bool | str | Path | bytes | None = None,
         client: MLIPClient | None = None,
         **kwargs,
     ) -> None:
@@ -56,7 +60,8 @@ class RemoteCalculator(Calculator):
             self.parameters["corrections"] = [c.name for c in corrections]
         self.task = task
         self.corrections = tuple(corrections)
-        self.client = client or MLIPClient(address, model=model, timeout=timeout)
+        # token and tls go to the client only: parameters end up in trajectory files.
+        self.client = client or MLIPClient(address, model=model, timeout=timeout, token=token, tls=tls)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

@@ -1,9 +1,13 @@
-"""MLIPClient: one gRPC channel to an mlipserve server, with deadlines and retries on every call."""
+"""MLIPClient: one gRPC channel to an mlipserve server, with TLS, a token, deadlines and retries."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import grpc
 from ase import Atoms
@@ -13,24 +17,16 @@ from mlipserve_client.errors import ServiceError, ServiceInputError
 from mlipserve_client.types import DEFAULT_PROPERTIES, ComputeRequest, Correction, ModelInfo, Property, Result, System
 from mlipserve_client.v1 import models_pb2, service_pb2_grpc
 
+logger = logging.getLogger("mlipserve_client")
+
 DEFAULT_TIMEOUT_S = 60.0
 SERVICE_NAME = "mlipserve.v1.MLIPService"
+TOKEN_ENV = "MLIPSERVE_TOKEN"
+# Trailing metadata of a status worth retrying after a delay (queue full, rate limit, lost replica).
+RETRY_AFTER_KEY = "retry-after-ms"
 _INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
-
-# Every RPC of the API is a pure function of its request, so retrying one the server could not take
-# (UNAVAILABLE: restarting, no replica yet; RESOURCE_EXHAUSTED: queue full) is always safe.
-_RETRY_SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": SERVICE_NAME}],
-        "retryPolicy": {
-            "maxAttempts": 5,
-            "initialBackoff": "0.2s",
-            "maxBackoff": "5s",
-            "backoffMultiplier": 2.5,
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        },
-    }]
-})
+_FIRST_BACKOFF_S = 0.1
+_MAX_BACKOFF_S = 5.0
 
 
 def _raise_service_error(err: grpc.RpcError) -> None:
@@ -39,11 +35,37 @@ def _raise_service_error(err: grpc.RpcError) -> None:
     raise error_class(code, details) from None
 
 
+def retry_delay(err: grpc.RpcError, backoff: float) -> float | None:
+    """Seconds to wait before retrying ``err``, or None if retrying cannot help.
+
+    Every RPC of the API is a pure function of its request, so retrying is always safe. UNAVAILABLE
+    (server restarting, replica lost, connection refused) is retried with backoff; RESOURCE_EXHAUSTED
+    only when the server says when (queue full, rate limit): without ``retry-after-ms`` it is a
+    request over a size limit, which would fail again."""
+    code = err.code()
+    hint = next((float(v) / 1000 for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), None)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return max(backoff, hint or 0.0)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None:
+        return max(backoff, hint)
+    return None
+
+
+def _read(value: str | Path | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 class MLIPClient:
     """A connection to an mlipserve server at ``address`` ("host:port").
 
-    ``model`` is the default model id for ``compute``; ``timeout`` (s) is the deadline of each call.
-    Thread-safe: share one client between threads.
+    ``model`` is the default model id for ``compute``; ``timeout`` (s) is the deadline of each call,
+    retries included. ``token`` (default: $MLIPSERVE_TOKEN) is sent as ``authorization: Bearer``.
+    ``tls``: False/None for plaintext, True to verify the server against the system's roots, or the
+    root certificate (a PEM path or bytes) that signed the server's; ``tls_client_cert`` and
+    ``tls_client_key`` for servers that require client certificates (mutual TLS); ``tls_server_name``
+    when the certificate names another host than ``address``. Thread-safe: share one client.
     """
 
     def __init__(
@@ -53,20 +75,59 @@ class MLIPClient:
         model: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         retries: bool = True,
+        token: str | None = None,
+        tls: bool | str | Path | bytes | None = None,
+        tls_client_cert: str | Path | bytes | None = None,
+        tls_client_key: str | Path | bytes | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.address = address
         self.model = model
         self.timeout = timeout
+        self.retries = retries
+        self.tls = bool(tls)
+        token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        # The token lives only in this tuple; repr() and ASE's calculator parameters never show it.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             # The server accepts large systems; so must we when they come back with forces.
             ("grpc.max_receive_message_length", -1),
             ("grpc.max_send_message_length", -1),
-            ("grpc.enable_retries", int(retries)),
+            # Retries are ours (below): bounded by the call's deadline, not by a fixed attempt count.
+            ("grpc.enable_retries", 0),
         ]
-        if retries:
-            options.append(("grpc.service_config", _RETRY_SERVICE_CONFIG))
-        self._channel = grpc.insecure_channel(address, options=options)
+        if tls:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=None if tls is True else _read(tls),
+                private_key=_read(tls_client_key), certificate_chain=_read(tls_client_cert))
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            if token and address.rsplit(":", 1)[0] not in ("localhost", "127.0.0.1", "[::1]"):
+                logger.warning("sending a token to %s without TLS: anyone on the network can read it", address)
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = service_pb2_grpc.MLIPServiceStub(self._channel)
+
+    def __repr__(self) -> str:
+        return f"MLIPClient({self.address!r}, model={self.model!r}, tls={self.tls})"
+
+    def call(self, method: Callable, request, timeout: float | None = None):
+        """``method(request)`` with this client's token, within one deadline, retried while the server
+        says it could not take the call (UNAVAILABLE, RESOURCE_EXHAUSTED with a retry hint)."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        backoff = _FIRST_BACKOFF_S
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+            except grpc.RpcError as err:
+                delay = retry_delay(err, backoff) if self.retries else None
+                if delay is None or time.monotonic() + delay >= deadline:
+                    _raise_service_error(err)
+                logger.info("%s: %s, retrying in %.2f s", self.address, err.code().name, delay)
+                time.sleep(delay * random.uniform(0.8, 1.2))
+                backoff = min(2 * backoff, _MAX_BACKOFF_S)
 
     def compute(
         self,
@@ -91,26 +152,15 @@ class MLIPClient:
         typed = tuple(s if isinstance(s, System) else convert.system_from_atoms(s) for s in systems)
         request = ComputeRequest(model=model, systems=typed, properties=frozenset(Property(p) for p in properties),
                                  task=task, corrections=tuple(corrections))
-        try:
-            response = self._stub.Compute(
-                convert.compute_request_to_proto(request), timeout=timeout or self.timeout
-            )
-        except grpc.RpcError as err:
-            _raise_service_error(err)
+        response = self.call(self._stub.Compute, convert.compute_request_to_proto(request), timeout)
         return [convert.result_from_proto(r, s.n_atoms) for r, s in zip(response.results, typed, strict=True)]
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        try:
-            response = self._stub.ListModels(models_pb2.ListModelsRequest(), timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            _raise_service_error(err)
+        response = self.call(self._stub.ListModels, models_pb2.ListModelsRequest(), timeout)
         return [convert.model_info_from_proto(m) for m in response.models]
 
     def get_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:
-        try:
-            response = self._stub.GetModel(models_pb2.GetModelRequest(model=model), timeout=timeout or self.timeout)
-        except grpc.RpcError as err:
-            _raise_service_error(err)
+        response = self.call(self._stub.GetModel, models_pb2.GetModelRequest(model=model), timeout)
         return convert.model_info_from_proto(response.model)
 
     def close(self) -> None:

@@ -39,6 +39,17 @@ def validate_system(system: System, where: str) -> None:
         )
     if not np.isfinite(system.total_charge):
         raise InvalidSystemError(f"{where}.total_charge", f"total charge {system.total_charge} is not finite")
+    electrons = int(numbers.sum())  # of the neutral system
+    if abs(system.total_charge) > electrons:
+        raise InvalidSystemError(
+            f"{where}.total_charge",
+            f"total charge {system.total_charge:g} e is more than the system's {electrons} electrons (neutral)")
+    max_multiplicity = electrons - round(system.total_charge) + 1
+    if not 0 <= system.spin_multiplicity <= max_multiplicity:
+        raise InvalidSystemError(
+            f"{where}.spin_multiplicity",
+            f"spin multiplicity {system.spin_multiplicity} is impossible with {electrons - round(system.total_charge)} "
+            f"electrons (0 = the model's default, else 1-{max_multiplicity})")
     if system.atomic_charges is not None:
         charges = system.atomic_charges
         if not np.isfinite(charges).all():

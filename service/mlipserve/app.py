@@ -1,5 +1,9 @@
 """The Ray Serve application: ``serve run mlipserve.app:app`` or, with arguments from a serve config
-YAML, ``import_path: mlipserve.app:build_app`` (see deploy/serve_config.yaml)."""
+YAML, ``import_path: mlipserve.app:build_app`` (see deploy/serve_config.yaml).
+
+One deployment per backend family; every replica runs the gRPC front door (mlipserve.server) on
+the service port. Serve's own proxies carry no client traffic.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,13 @@ from typing import Any
 from ray.serve import Application
 
 from mlipserve.config import ServiceConfig
-from mlipserve.deployments.ingress import MLIPIngress
-from mlipserve.deployments.model import ModelServer
+from mlipserve.deployments.model import ModelServer, deployment_name
 
-# What Serve's gRPC proxy must register: the API and the standard health service (both answered by
-# MLIPIngress). Reflection is the proxy's own (grpc.reflection.v1alpha).
-GRPC_SERVICER_FUNCTIONS = (
-    "mlipserve_client.v1.service_pb2_grpc.add_MLIPServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-)
+# Serve's graceful shutdown of a replica must outlast the front door's drain.
+_SHUTDOWN_MARGIN_S = 10.0
 
 
-def deployment_name(family: str) -> str:
-    return f"family:{family}"
-
-
-def _family_deployment(config: ServiceConfig, family: str):
+def _family_deployment(config: ServiceConfig, family: str, siblings: tuple = ()):
     deployment = config.deployment(family)
     actor_options = {"num_cpus": deployment.num_cpus, "num_gpus": deployment.num_gpus}
     if deployment.runtime_env:
@@ -35,18 +30,16 @@ def _family_deployment(config: ServiceConfig, family: str):
         name=deployment_name(family),
         max_ongoing_requests=deployment.max_ongoing_requests,
         ray_actor_options=actor_options,
+        graceful_shutdown_timeout_s=config.server.drain_grace_s + _SHUTDOWN_MARGIN_S,
         **scaling,
-    ).bind(family, config.families[family], deployment)
+    ).bind(family, config, *siblings)
 
 
 def build(config: ServiceConfig) -> Application:
-    families = {family: _family_deployment(config, family) for family in config.families}
-    return MLIPIngress.options(
-        num_replicas=config.ingress_replicas,
-        max_ongoing_requests=config.ingress_max_ongoing_requests,
-        # The ingress only parses and routes; it must not take a CPU a model could use.
-        ray_actor_options={"num_cpus": 0},
-    ).bind(config, families)
+    # An application has one root: the first family, carrying the others so that they deploy with it.
+    first, *others = config.families
+    siblings = tuple(_family_deployment(config, family) for family in others)
+    return _family_deployment(config, first, siblings)
 
 
 def build_app(args: Mapping[str, Any]) -> Application:

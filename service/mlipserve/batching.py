@@ -5,7 +5,11 @@ function that estimates a system's cost ("work", in the backend's units: ~ atoms
 
 - Requests for the same task and corrections are merged until the batch's work reaches the budget
   or the first request has waited ``max_wait_s``; one request's systems are never split across
-  queued batches. A lone client never waits: the queue holds a batch open only when requests are
+  queued batches. Within a batch, no forward pass holds more than the budget (a lone system
+  excepted): a request with thousands of systems runs as many passes, never as one that could
+  exhaust the device.
+- A request whose caller gave up (cancelled, past its deadline) leaves the queue at once, and its
+  work stops counting against the queue bound. A lone client never waits: the queue holds a batch open only when requests are
   arriving concurrently (others queued, or the last batch merged several), so merging costs no
   latency at low load and fills batches at high load.
   A budget of 0 never merges.
@@ -45,7 +49,7 @@ MAX_SPLIT_DEPTH = 16
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    budget: float  # work per batch; 0: every request is its own batch
+    budget: float  # work per forward pass; 0: no merging, every system its own pass
     max_wait_s: float = 0.005
     max_queued_work: float = 5e7
     large_system_atoms: int = 5000
@@ -67,6 +71,8 @@ class BatchRecord:
 class BatchObserver(Protocol):
     """Receives what a BatchQueue does, e.g. to publish metrics."""
 
+    def budget_chosen(self, budget: float) -> None: ...
+
     def batch_done(self, record: BatchRecord) -> None: ...
 
     def capacity_learned(self, capacity: float, budget: float) -> None: ...
@@ -77,9 +83,13 @@ class BatchObserver(Protocol):
 @dataclass(eq=False)
 class PendingRequest:
     request: ComputeRequest
-    work: float
+    system_work: tuple[float, ...]  # one per system of the request
     future: asyncio.Future
     enqueued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def work(self) -> float:
+        return sum(self.system_work)
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,6 +102,10 @@ class _Unit:
     @property
     def system(self) -> System:
         return self.pending.request.systems[self.index]
+
+    @property
+    def work(self) -> float:
+        return self.pending.system_work[self.index]
 
 
 class _Lane:
@@ -138,7 +152,8 @@ class BatchQueue:
         return self._queued_work
 
     async def submit(self, request: ComputeRequest) -> list[Result]:
-        work = sum(self._cost(s) for s in request.systems)
+        system_work = tuple(self._cost(s) for s in request.systems)
+        work = sum(system_work)
         if self._queued_work and self._queued_work + work > self.policy.max_queued_work:
             raise ServerBusyError(self.model_id, self._queued_work_atoms(), retry_after_s=self._retry_after())
         lane = self._lanes["large" if request.n_atoms > self.policy.large_system_atoms else "small"]
@@ -146,11 +161,20 @@ class BatchQueue:
         self._closed = False
         if lane.task is None or lane.task.done():
             lane.task = loop.create_task(self._drain(lane), name=f"batch-{self.model_id}-{lane.name}")
-        pending = PendingRequest(request, work, loop.create_future())
+        pending = PendingRequest(request, system_work, loop.create_future())
         lane.pending.append(pending)
         self._add_queued(work)
+        pending.future.add_done_callback(lambda future: self._forget(lane, pending) if future.cancelled() else None)
         lane.wakeup.set()
         return await pending.future
+
+    def _forget(self, lane: _Lane, pending: PendingRequest) -> None:
+        """A cancelled request still queued leaves the queue (one already running finishes unseen)."""
+        try:
+            lane.pending.remove(pending)
+        except ValueError:
+            return
+        self._add_queued(-pending.work)
 
     def _queued_work_atoms(self) -> int:
         return sum(p.request.n_atoms for lane in self._lanes.values() for p in lane.pending)
@@ -226,13 +250,31 @@ class BatchQueue:
 
     # --- on the compute thread -------------------------------------------------------------------
 
+    def _passes(self, units: list[_Unit]) -> list[list[_Unit]]:
+        """``units`` in consecutive groups of at most the budget's work (a lone unit may exceed it)."""
+        passes, current, work = [], [], 0.0
+        for unit in units:
+            if current and work + unit.work > self.budget:
+                passes.append(current)
+                current, work = [], 0.0
+            current.append(unit)
+            work += unit.work
+        return [*passes, current] if current else passes
+
     def _run(self, batch: list[PendingRequest], lane: str) -> None:
         units = [_Unit(p, k) for p in batch for k in range(len(p.request.systems))]
         properties = frozenset().union(*(p.request.properties for p in batch))
-        start = time.perf_counter()
-        queued_s = start - batch[0].enqueued_at
+        results: list[Result] = []
         try:
-            results = self._evaluate_units(units, properties, batch[0].request, depth=0)
+            for group in self._passes(units):
+                if all(u.pending.future.done() for u in group):
+                    results.extend([Result()] * len(group))  # every caller of this pass gave up
+                    continue
+                start = time.perf_counter()
+                results.extend(self._evaluate_units(group, properties, batch[0].request, depth=0))
+                self._record(BatchRecord(lane, len({id(u.pending) for u in group}), len(group),
+                                         sum(u.system.n_atoms for u in group), sum(u.work for u in group),
+                                         time.perf_counter() - start, start - batch[0].enqueued_at))
         except Exception as error:  # noqa: BLE001 - isolated below: a request fails alone
             if len(batch) == 1:
                 self._settle(batch[0], error=error)
@@ -241,10 +283,6 @@ class BatchQueue:
             for pending in batch:
                 self._run([pending], lane)
             return
-        seconds = time.perf_counter() - start
-        work = sum(p.work for p in batch)
-        self._record(BatchRecord(lane, len(batch), len(units), sum(p.request.n_atoms for p in batch), work, seconds,
-                                 queued_s))
         by_request: dict[int, list[Result]] = collections.defaultdict(list)
         for unit, result in zip(units, results, strict=True):
             by_request[id(unit.pending)].append(_only(result, unit.pending.request.properties))
@@ -254,7 +292,7 @@ class BatchQueue:
     def _evaluate_units(self, units: list[_Unit], properties: frozenset[Property], like: ComputeRequest,
                         depth: int) -> list[Result]:
         """Evaluate ``units`` with the task and corrections of ``like`` (shared by the whole batch)."""
-        work = sum(self._cost(u.system) for u in units)
+        work = sum(u.work for u in units)
         if work <= self.capacity or len(units) == 1:
             try:
                 results = self._evaluate(Batch(tuple(u.system for u in units), properties, like.task, like.corrections))

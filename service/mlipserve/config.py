@@ -104,17 +104,95 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may hold. The defaults protect a GPU node from a request that would run out
+    of memory or hold a replica for minutes; every refusal names the limit it hit."""
+
+    # Largest request message (MiB); the transport accepts a little more so that the refusal can
+    # name this setting instead of being gRPC's own.
+    max_message_mb: float = 64.0
+    max_systems_per_request: int = 1000
+    max_atoms_per_system: int = 100_000
+    max_atoms_per_request: int = 200_000
+    # Mean neighbours per atom within the model's cutoff (dense solids have ~50-150 within 6 Å).
+    max_neighbours_per_atom: float = 1000.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Limits:
+        return _from_dict(cls, data, "server.limits")
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One accepted bearer token, kept as its SHA-256 digest: config objects travel between Ray
+    processes and end up in logs and dumps, the plain token must not."""
+
+    name: str  # what logs show instead of the token
+    sha256: str  # hex digest of the token
+    models: tuple[str, ...] | None = None  # None: every model
+    requests_per_second: float | None = None  # None: the server's default
+    burst: int | None = None  # requests allowed at once above the rate; None: 2 s worth
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The front door: the gRPC server in each model replica that clients connect to."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = DEFAULT_GRPC_PORT
+    # A second, plaintext port that answers only grpc.health.v1, for probes that cannot speak TLS
+    # (Kubernetes' gRPC probes). None: health is on the service port only.
+    health_port: int | None = None
+    tls_cert: str | None = None  # PEM files; both or neither
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # when set, clients must present a certificate it signed (mTLS)
+    # Tokens: a file (YAML list or one token per line; read where the replica runs, e.g. a mounted
+    # Kubernetes Secret) and/or entries resolved by the CLI. No tokens: no authentication.
+    token_file: str | None = None
+    tokens: tuple[TokenEntry, ...] = ()
+    requests_per_second: float | None = None  # default per-token rate; None: unlimited
+    limits: Limits = field(default_factory=Limits)
+    # SIGTERM: stop accepting, then wait this long for in-flight calls.
+    drain_grace_s: float = 10.0
+    # How long a request for a model of another replica keeps retrying when that replica is lost.
+    peer_retry_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server: give both tls_cert and tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("server: tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.tokens) or self.token_file is not None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServerConfig:
+        data = dict(data)
+        if "limits" in data:
+            data["limits"] = Limits.from_dict(data["limits"] or {})
+        if "tokens" in data:
+            data["tokens"] = tuple(_from_dict(TokenEntry, t, f"server.tokens[{i}]")
+                                   for i, t in enumerate(data["tokens"] or []))
+        return _from_dict(cls, data, "server")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
-    """The whole application: the models, their families' deployments, and the ingress."""
+    """The whole application: the models, their families' deployments, and the front door."""
 
     models: tuple[ModelConfig, ...] = (
         ModelConfig(id=DEFAULT_MODEL_ID, backend="chgnet", options={"version": "0.3.0"}),
     )
     # Per family (ModelConfig.family_name); a family without an entry gets DeploymentConfig().
     deployments: Mapping[str, DeploymentConfig] = field(default_factory=dict)
-    ingress_replicas: int = 1
-    ingress_max_ongoing_requests: int = 1000
-    # How long the ingress waits for a model's readiness answer in a health check or ListModels (s).
+    server: ServerConfig = field(default_factory=ServerConfig)
+    # How long a front door waits for another family's readiness answer in health or ListModels (s).
     health_timeout_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -159,6 +237,8 @@ class ServiceConfig:
             data["models"] = tuple(ModelConfig.from_dict(m) for m in data["models"])
         if "deployments" in data:
             data["deployments"] = {f: DeploymentConfig.from_dict(d or {}, f) for f, d in data["deployments"].items()}
+        if "server" in data:
+            data["server"] = ServerConfig.from_dict(data["server"] or {})
         return _from_dict(cls, data, "config")
 
     @classmethod

@@ -12,10 +12,15 @@ from mlipserve_client.errors import InvalidSystemError
 __all__ = [
     "DeviceOutOfMemory",
     "InvalidSystemError",
+    "LimitExceededError",
     "ModelNotFoundError",
     "ModelUnavailableError",
+    "PermissionDeniedError",
+    "RateLimitedError",
+    "ReplicaLostError",
     "ServerBusyError",
     "SystemTooLargeError",
+    "UnauthenticatedError",
     "UnsupportedElementError",
     "UnsupportedPropertyError",
 ]
@@ -99,3 +104,54 @@ class DeviceOutOfMemory(RuntimeError):
 
     def __reduce__(self):
         return type(self), (self.work, self.detail, self.capacity)
+
+
+class LimitExceededError(RuntimeError):
+    """A request is larger than a configured limit of the server. Not retryable as it is: the
+    message says which limit, its value, and how the operator raises it."""
+
+    def __init__(self, field: str, what: str, value: float, limit: float, setting: str) -> None:
+        self.field = field
+        self.what = what
+        self.value = value
+        self.limit = limit
+        self.setting = setting
+        super().__init__(f"{field}: {what} is {value:,.0f}, over this server's limit of {limit:,.0f} "
+                         f"(split the request, or raise {setting} on the server)")
+
+    def __reduce__(self):
+        return type(self), (self.field, self.what, self.value, self.limit, self.setting)
+
+
+class UnauthenticatedError(RuntimeError):
+    """No bearer token, or one the server does not know. The message never contains the token."""
+
+
+class PermissionDeniedError(RuntimeError):
+    """A valid token that is not allowed the model it asked for."""
+
+    def __init__(self, principal: str, model: str) -> None:
+        self.principal = principal
+        self.model = model
+        super().__init__(f"token {principal!r} is not allowed to use model {model!r}")
+
+    def __reduce__(self):
+        return type(self), (self.principal, self.model)
+
+
+class RateLimitedError(RuntimeError):
+    """A token sent more requests per second than it is allowed; retry after ``retry_after_s``."""
+
+    def __init__(self, principal: str, rate: float, retry_after_s: float) -> None:
+        self.principal = principal
+        self.rate = rate
+        self.retry_after_s = retry_after_s
+        super().__init__(f"token {principal!r} is over its limit of {rate:g} requests/s; "
+                         f"retry in {retry_after_s:.2f} s")
+
+    def __reduce__(self):
+        return type(self), (self.principal, self.rate, self.retry_after_s)
+
+
+class ReplicaLostError(RuntimeError):
+    """The replica computing a request died, and no other answered within the request's deadline."""

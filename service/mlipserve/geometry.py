@@ -26,7 +26,8 @@ MAX_SPAN = 1000.0
 _AXES = "abc"
 
 
-def check_geometry(system: System, where: str, cutoff: float) -> None:
+def check_geometry(system: System, where: str, cutoff: float,
+                   max_neighbours_per_atom: float = MAX_NEIGHBOURS_PER_ATOM) -> None:
     """Raise InvalidSystemError for overlapping atoms, an unphysically dense periodic cell, or a
     system spanning more than MAX_SPAN."""
     _check_span(system, where)
@@ -34,12 +35,13 @@ def check_geometry(system: System, where: str, cutoff: float) -> None:
         volume = abs(float(np.linalg.det(system.cell)))
         density = system.n_atoms / volume
         neighbours = density * 4.0 / 3.0 * math.pi * cutoff**3
-        if neighbours > MAX_NEIGHBOURS_PER_ATOM:
+        if neighbours > max_neighbours_per_atom:
             raise InvalidSystemError(
                 f"{where}.cell",
                 f"{system.n_atoms} atoms in {volume:.3g} Å³ ({density:.3g} atoms/Å³) would give each atom "
                 f"~{neighbours:.0f} neighbours within the model's {cutoff:g} Å cutoff (dense solids have "
-                f"~50-150): is the cell in Å?",
+                f"~50-150; this server's limit is {max_neighbours_per_atom:g}, "
+                f"server.limits.max_neighbours_per_atom): is the cell in Å?",
             )
     pair = closest_pair(system, MIN_DISTANCE)
     if pair is not None:

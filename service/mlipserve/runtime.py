@@ -1,13 +1,12 @@
-"""Start and stop an embedded local Ray with Serve's gRPC proxy: the CLI's ``serve`` and the tests."""
+"""Start and stop an embedded local Ray with Serve and the application: the CLI's ``serve`` and the tests."""
 
 from __future__ import annotations
 
 import os
 import socket
 
-from mlipserve.app import GRPC_SERVICER_FUNCTIONS, build
+from mlipserve.app import build
 from mlipserve.config import ServiceConfig
-
 
 APP_NAME = "mlipserve"
 # Ray's object store holds only request/response arrays here; its default (30% of RAM) wastes memory.
@@ -31,42 +30,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """A local Ray instance in this process, without the dashboard and with a small object store."""
+def start_ray(num_cpus: int | None = None, address: str | None = None) -> None:
+    """A local Ray instance in this process (or, with ``address``, a connection to a running cluster),
+    without the dashboard and with a small object store."""
     import ray
 
     for name, value in RAY_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-            namespace=APP_NAME,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level="WARNING",
-        )
-
-
-def start_serve(grpc_port: int, http_port: int | None = None) -> None:
-    """Start Serve with the gRPC proxy on ``grpc_port`` (all interfaces: the proxy cannot bind one)."""
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    serve.start(
-        logging_config=LOGGING,
-        http_options={"host": "127.0.0.1", "port": http_port or free_port()},
-        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)),
+    if ray.is_initialized():
+        return
+    if address is not None:
+        ray.init(address=address, namespace=APP_NAME, logging_level="WARNING")
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=OBJECT_STORE_BYTES,
+        namespace=APP_NAME,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
     )
 
 
-def deploy(config: ServiceConfig) -> None:
+def start_serve() -> None:
+    """Start Serve without its proxies: clients reach the front door in each model replica."""
+    from ray import serve
+
+    serve.start(logging_config=LOGGING, proxy_location="Disabled")
+
+
+def deploy(config: ServiceConfig, name: str = APP_NAME) -> None:
     """Deploy (or redeploy) the application; returns when every replica is up and warmed."""
     from ray import serve
 
-    # The gRPC proxy routes only to applications that have a route prefix, even with one application.
-    serve.run(build(config), name=APP_NAME, route_prefix="/", logging_config=LOGGING)
+    serve.run(build(config), name=name, route_prefix=None, logging_config=LOGGING)
 
 
 def stop_local() -> None:

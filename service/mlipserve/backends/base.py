@@ -7,7 +7,7 @@ gRPC, Ray or batching policy: it is handed a Batch of systems (already validated
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -16,7 +16,7 @@ from ase.data import chemical_symbols
 
 from mlipserve.errors import InvalidSystemError, UnsupportedElementError, UnsupportedPropertyError
 from mlipserve.cost import pair_work
-from mlipserve.geometry import check_geometry
+from mlipserve.geometry import MAX_NEIGHBOURS_PER_ATOM, check_geometry
 from mlipserve_client.types import Correction, ModelInfo, Property, Result, System
 
 
@@ -29,10 +29,21 @@ class Batch:
     task: str = ""  # "" = the model's default task
     # Physics corrections to add after the model (mlipserve.physics); backends ignore them.
     corrections: tuple[Correction, ...] = ()
+    # Per system, the key (an MD session's id) under which a backend that builds its own edges may
+    # keep a skin neighbour list between calls (mlipserve.neighbours); a system without one (None, or
+    # every system when empty) gets a fresh list. Results are the same either way.
+    neighbour_keys: tuple[Hashable | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.neighbour_keys and len(self.neighbour_keys) != len(self.systems):
+            raise ValueError(f"{len(self.neighbour_keys)} neighbour keys for {len(self.systems)} systems")
 
     @property
     def n_atoms(self) -> int:
         return sum(s.n_atoms for s in self.systems)
+
+    def neighbour_key(self, index: int) -> Hashable | None:
+        return self.neighbour_keys[index] if self.neighbour_keys else None
 
 
 @runtime_checkable
@@ -52,7 +63,8 @@ class Backend(Protocol):
         ...
 
 
-def check_request(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property], task: str = "") -> None:
+def check_request(info: ModelInfo, systems: Sequence[System], properties: frozenset[Property], task: str = "",
+                  max_neighbours_per_atom: float = MAX_NEIGHBOURS_PER_ATOM) -> None:
     """Reject what the model cannot take: properties it lacks, a task it does not have, elements it
     was not trained on, and geometries that would give NaN or exhaust memory (mlipserve.geometry)."""
     if task and task not in info.tasks:
@@ -76,7 +88,7 @@ def check_request(info: ModelInfo, systems: Sequence[System], properties: frozen
                 f"systems[{i}].atomic_numbers[{indices[0]}]",
                 f"model {info.id!r} was not trained on {', '.join(elements)} (atoms {shown})",
             )
-        check_geometry(system, f"systems[{i}]", info.cutoff)
+        check_geometry(system, f"systems[{i}]", info.cutoff, max_neighbours_per_atom)
 
 
 def cost_function(backend: Backend) -> Callable[[System], float]:

@@ -1,0 +1,54 @@
+"""The authentication interceptor: token check and per-token rate limit before any handler runs.
+
+Health and reflection stay open (probes and tooling carry no token). The caller's Principal is set
+in ``current_principal`` for the handler, which checks the model scope once it has decoded which
+model the request asks for. grpc.aio runs interceptors and the handler in the RPC's one task, so
+the context variable reaches the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from mlipserve.errors import RateLimitedError, UnauthenticatedError
+from mlipserve.server.auth import Authenticator, current_principal
+from mlipserve.status import abort
+
+logger = logging.getLogger("mlipserve.server")
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers ``error``'s status."""
+
+    async def refuse(request, context):
+        await abort(context, error)
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
+            return handler
+        try:
+            principal = self.authenticator.authenticate(handler_call_details.invocation_metadata)
+        except (UnauthenticatedError, RateLimitedError) as error:
+            # The method and the reason, never the metadata: it holds the token.
+            logger.info("refused %s: %s", handler_call_details.method, type(error).__name__)
+            return _refusal(handler, error)
+        current_principal.set(principal)
+        return handler
