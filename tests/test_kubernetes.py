@@ -5,11 +5,17 @@
   strictly: a field the CRD does not know (which the API server would silently prune) is an error.
   Built-in kinds, and the Ray pod templates as Pods, validate against Kubernetes' own schemas
   (kubernetes-validate, strict) where it is installed, else against a minimal structural check.
-- serveConfigV2 is a valid Serve config (ServeDeploySchema) whose application is
-  deploy/serve_config.yaml's: only device and resources may differ per overlay, so the two cannot
-  drift; its models config builds the application.
-- The workers' readiness probe is the gRPC health check on the proxy's port, and the gRPC Service,
-  the PodDisruptionBudget and the TLS route reach exactly those workers on that port.
+- serveConfigV2 meets the contract of every serve config in deploy/ (test_deploy_config: a valid
+  ServeDeploySchema without grpc_options whose args parse as a ServiceConfig and build the
+  application), and its application is deploy/serve_config.yaml's: only device and resources, and
+  the server block's host, ports, TLS and token file, may differ per overlay, so they cannot drift.
+  Serve's HTTP proxy stays on every node for KubeRay.
+- The front door (server block) listens on 0.0.0.0; the workers' container port and the port the
+  gRPC Service targets are server.port, and their readiness probe is the standard gRPC health
+  check on server.health_port. The gRPC Service, the PodDisruptionBudget and the TLS route reach
+  exactly those workers. The token file (and, behind a TLS passthrough, the certificate and key)
+  lies in a read-only mount of a Secret volume of the worker container, a Secret the README tells
+  how to create.
 - The Dockerfiles pin their bases and torch 2.13.0, install the client and the server (the fairchem
   image without mace-torch, sevenn and e3nn 0.4.4), and run as a non-root user.
 - The Grafana dashboard queries only metrics that Ray Serve (read from the installed ray) and
@@ -33,7 +39,7 @@ import subprocess
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -43,7 +49,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUSTOMIZE = DEPLOY / "kubernetes"
-OVERLAYS = ("cpu", "gpu", "tls")
+OVERLAYS = ("cpu", "gpu", "tls", "tls-passthrough")
+# Where the front door itself speaks TLS (elsewhere TLS ends in front of it, or not at all).
+TLS_AT_FRONT_DOOR = {"tls-passthrough"}
+README = KUSTOMIZE / "README.md"
 DOCKER = DEPLOY / "docker"
 DOCKERFILES = ("cpu", "cuda", "fairchem")
 DASHBOARD = DEPLOY / "dashboards" / "mlipserve-grafana.json"
@@ -54,6 +63,9 @@ TORCH_CUDA = "13.0"
 # What an overlay may change in the application's args relative to deploy/serve_config.yaml.
 DEPLOYMENT_RESOURCE_KEYS = {"device", "num_cpus", "num_gpus", "num_replicas", "autoscaling"}
 MODEL_RESOURCE_KEYS = {"device"}
+SERVER_PLACEMENT_KEYS = {"host", "port", "health_port", "token_file", "tls_cert", "tls_key", "tls_client_ca"}
+# Serve's HTTP proxy: no client traffic, but KubeRay health-checks it on the head's port "serve".
+SERVE_HTTP_PORT = 8000
 # Labels KubeRay puts on the pods it creates (and that templates cannot override).
 KUBERAY_NODE_TYPE = "ray.io/node-type"
 KUBERAY_GROUP = "ray.io/group"
@@ -114,6 +126,14 @@ def _serve_config(objects: list[dict]) -> dict:
     return yaml.safe_load(text)
 
 
+def _server(objects: list[dict]):
+    """The front door's settings (ServerConfig) of the build's application."""
+    from mlipserve.config import ServiceConfig
+
+    (app,) = _serve_config(objects)["applications"]
+    return ServiceConfig.from_dict(app["args"]).server
+
+
 def _groups(rayservice: dict) -> tuple[dict, list[dict]]:
     cluster = rayservice["spec"]["rayClusterConfig"]
     return cluster["headGroupSpec"], cluster.get("workerGroupSpecs", [])
@@ -138,6 +158,7 @@ def test_overlay_builds_with_the_expected_objects(builds, overlay):
     expected = ["Namespace", "PodDisruptionBudget", "RayService", "Service"]
     if overlay == "tls":
         expected += ["GRPCRoute", "Gateway"]
+    # tls-passthrough: the same objects, the gRPC Service a LoadBalancer (no gateway in between).
     assert kinds == sorted(expected)
     for obj in objects:
         if obj["kind"] == "Namespace":
@@ -290,8 +311,12 @@ def reference_config() -> dict:
     return yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
 
 
-def _without_resources(args: dict) -> dict:
+def _comparable(args: dict) -> dict:
+    """args without what an overlay may change: resources, and where the front door listens and
+    finds its tokens and certificate."""
     args = copy.deepcopy(args)
+    for key in SERVER_PLACEMENT_KEYS:
+        args.get("server", {}).pop(key, None)
     for deployment in (args.get("deployments") or {}).values():
         for key in DEPLOYMENT_RESOURCE_KEYS:
             deployment.pop(key, None)
@@ -304,31 +329,30 @@ def _without_resources(args: dict) -> dict:
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serve_config_v2_is_deploy_serve_config(builds, reference_config, overlay):
-    from ray.serve import Application
-    from ray.serve.schema import ServeDeploySchema
+    from test_deploy_config import check_serve_config
 
-    from mlipserve.app import GRPC_SERVICER_FUNCTIONS, build_app
     from mlipserve.config import ServiceConfig
 
     config = _serve_config(builds[overlay])
-    schema = ServeDeploySchema.model_validate(config)
-    assert schema.grpc_options.port == reference_config["grpc_options"]["port"]
-    assert tuple(schema.grpc_options.grpc_servicer_functions) == GRPC_SERVICER_FUNCTIONS
+    check_serve_config(config, f"overlays/{overlay}: serveConfigV2")
+    # Locally Serve runs without proxies; on KubeRay its HTTP proxy stays on every node, because
+    # KubeRay health-checks it (pod labels of its serve Service, the RayService's readiness).
+    assert config["proxy_location"] == "EveryNode"
+    assert config["http_options"] == {"host": "0.0.0.0", "port": SERVE_HTTP_PORT}
 
-    # Everything but the applications (proxy location, HTTP and gRPC options, logging) is the same.
-    assert {k: v for k, v in config.items() if k != "applications"} == \
-        {k: v for k, v in reference_config.items() if k != "applications"}
+    # Everything else but the applications (logging) is the same.
+    local_only = {"applications", "proxy_location", "http_options"}
+    assert {k: v for k, v in config.items() if k not in local_only} == \
+        {k: v for k, v in reference_config.items() if k not in local_only}
 
     apps, reference_apps = config["applications"], reference_config["applications"]
     assert [a["name"] for a in apps] == [a["name"] for a in reference_apps]
     for app, reference in zip(apps, reference_apps):
         assert {k: v for k, v in app.items() if k != "args"} == {k: v for k, v in reference.items() if k != "args"}
-        assert app["import_path"] == "mlipserve.app:build_app" and app["route_prefix"] == "/"
         assert [m["id"] for m in app["args"]["models"]] == [m["id"] for m in reference["args"]["models"]]
-        assert _without_resources(app["args"]) == _without_resources(reference["args"]), \
-            "only device and resources may differ from deploy/serve_config.yaml"
+        assert _comparable(app["args"]) == _comparable(reference["args"]), \
+            "only resources and the front door's address, TLS and tokens may differ from deploy/serve_config.yaml"
         service = ServiceConfig.from_dict(app["args"])
-        assert isinstance(build_app(app["args"]), Application)
         for family in service.families:
             deployment = service.deployment(family)
             devices = {m.device or deployment.device for m in service.families[family]}
@@ -385,16 +409,19 @@ def test_replicas_fit_the_workers_and_images_match_the_overlay(builds, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_are_ready_when_the_grpc_health_check_serves(builds, overlay):
     objects = builds[overlay]
-    config = _serve_config(objects)
-    grpc_port, http_port = config["grpc_options"]["port"], config["http_options"]["port"]
+    server = _server(objects)
+    # The front door in a pod: every interface, and a plaintext health port apart from the API's.
+    assert server.host == "0.0.0.0"
+    assert server.health_port is not None and server.health_port != server.port
     head, workers = _groups(_rayservice(objects))
     assert workers
 
     head_container = head["template"]["spec"]["containers"][0]
     head_ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
-    # KubeRay builds its serve service from the head's port named "serve"; KubeRay's head Service
-    # carries every head port, the gRPC one too.
-    assert head_ports["serve"] == http_port and head_ports["grpc"] == grpc_port
+    # KubeRay builds its serve service from the head's port named "serve" (Serve's HTTP proxy).
+    assert head_ports["serve"] == _serve_config(objects)["http_options"]["port"]
+    # The head runs no replica, hence no front door.
+    assert not {server.port, server.health_port} & set(head_ports.values())
     # KubeRay deploys the application only once the head is ready: the head must keep KubeRay's
     # probes, not wait for the application.
     assert "readinessProbe" not in head_container
@@ -402,18 +429,21 @@ def test_workers_are_ready_when_the_grpc_health_check_serves(builds, overlay):
 
     for worker in workers:
         container = worker["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == server.port and ports["grpc-health"] == server.health_port
         probe = container["readinessProbe"]
         assert set(probe) & {"grpc", "httpGet", "exec", "tcpSocket"} == {"grpc"}
-        # grpc.health.v1.Health/Check for the whole service (no service name, or the API's).
-        assert probe["grpc"]["port"] == grpc_port
+        # grpc.health.v1.Health/Check for the whole service (no service name, or the API's), on the
+        # plaintext port: the kubelet's gRPC probe cannot do TLS.
+        assert probe["grpc"]["port"] == server.health_port
         assert probe["grpc"].get("service", "") in ("", "mlipserve.v1.MLIPService")
-        assert probe.get("timeoutSeconds", 1) >= 3, "the ingress may take up to 2 s to ask the models"
-        assert {"name": "grpc", "containerPort": grpc_port} in [
-            {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]]
+        assert probe.get("timeoutSeconds", 1) >= 3, "a replica answers on its event loop, busy under load"
 
     service = _one(objects, "Service", "mlipserve-grpc")
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == grpc_port and port["appProtocol"] == "kubernetes.io/h2c"
+    (port,) = service["spec"]["ports"]  # the API port only: the health port is the kubelet's
+    # h2c where the front door speaks plaintext; that never leaves the cluster.
+    assert port.get("appProtocol") == (None if server.tls else "kubernetes.io/h2c")
+    assert service["spec"].get("type", "ClusterIP") == ("LoadBalancer" if overlay in TLS_AT_FRONT_DOOR else "ClusterIP")
     worker_labels = [_pod_labels(w["template"], "worker", w["groupName"]) for w in workers]
     head_labels = _pod_labels(head["template"], "head", "headgroup")
     pdb = _one(objects, "PodDisruptionBudget")
@@ -426,7 +456,75 @@ def test_workers_are_ready_when_the_grpc_health_check_serves(builds, overlay):
         assert "app.kubernetes.io/name" not in w["template"].get("metadata", {}).get("labels", {})
         named = {p["name"]: p["containerPort"] for p in w["template"]["spec"]["containers"][0]["ports"]}
         target = port["targetPort"]
-        assert (named.get(target) if isinstance(target, str) else target) == grpc_port
+        assert (named.get(target) if isinstance(target, str) else target) == server.port
+
+
+def _secret_item(pod_spec: dict, container: dict, path: str) -> tuple[str, str]:
+    """(Secret, key) of the file ``path`` in this container: it must lie in a read-only mount of a
+    Secret volume that is not optional (without the Secret the pod does not start, rather than
+    serve without tokens or TLS), and be one of the volume's items where it lists them."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        try:
+            relative = str(PurePosixPath(path).relative_to(mount["mountPath"]))
+        except ValueError:
+            continue
+        assert "subPath" not in mount, f"{path}: a subPath mount never sees a renewed Secret"
+        secret = volumes[mount["name"]].get("secret")
+        assert secret, f"{path} lies in volume {mount['name']}, which is not a Secret"
+        assert mount.get("readOnly") is True, f"{path}: mount {mount['mountPath']} read-only"
+        assert not secret.get("optional", False), f"{path}: Secret {secret['secretName']} must not be optional"
+        if "items" not in secret:
+            return secret["secretName"], relative
+        keys = {item["path"]: item["key"] for item in secret["items"]}
+        assert relative in keys, f"{path}: no item of Secret {secret['secretName']} is mounted as {relative}"
+        return secret["secretName"], keys[relative]
+    raise AssertionError(f"{path} lies in no volume mounted in container {container['name']}")
+
+
+def test_secret_item_check_rejects_files_outside_secret_mounts():
+    spec = {"volumes": [{"name": "tokens", "secret": {"secretName": "t", "items": [{"key": "k", "path": "a.yaml"}]}},
+                        {"name": "scratch", "emptyDir": {}}]}
+    container = {"name": "c", "volumeMounts": [{"name": "tokens", "mountPath": "/etc/t", "readOnly": True},
+                                               {"name": "scratch", "mountPath": "/tmp/s"}]}
+    assert _secret_item(spec, container, "/etc/t/a.yaml") == ("t", "k")
+    for path, message in [("/etc/tokens.yaml", "no volume"), ("/etc/t/b.yaml", "no item"), ("/tmp/s/a", "not a Secret")]:
+        with pytest.raises(AssertionError, match=message):
+            _secret_item(spec, container, path)
+    container["volumeMounts"][0]["readOnly"] = False
+    with pytest.raises(AssertionError, match="read-only"):
+        _secret_item(spec, container, "/etc/t/a.yaml")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_front_door_reads_tokens_and_certificate_from_mounted_secrets(builds, overlay):
+    objects = builds[overlay]
+    server = _server(objects)
+    readme = README.read_text()
+    # Tokens everywhere (also behind a TLS-terminating gateway); TLS in the front door where the
+    # overlay passes TLS through to it.
+    assert server.token_file and server.authenticates
+    assert server.tls == (overlay in TLS_AT_FRONT_DOOR) and server.tls_client_ca is None
+    head, workers = _groups(_rayservice(objects))
+    secrets = set()
+    for worker in workers:
+        spec = worker["template"]["spec"]
+        container = spec["containers"][0]
+        secret, key = _secret_item(spec, container, server.token_file)
+        assert re.search(rf"create secret generic {re.escape(secret)} --from-file={re.escape(key)}\b", readme), \
+            f"README.md must tell how to create Secret {secret} with key {key}"
+        secrets.add(secret)
+        if server.tls:
+            items = {_secret_item(spec, container, path) for path in (server.tls_cert, server.tls_key)}
+            ((tls_secret, _), _) = items
+            # Secret type kubernetes.io/tls: its keys are tls.crt and tls.key.
+            assert items == {(tls_secret, "tls.crt"), (tls_secret, "tls.key")}
+            assert f"create secret tls {tls_secret}" in readme
+            secrets.add(tls_secret)
+    # The head runs no front door: it has no business holding the tokens or the key.
+    head_spec = head["template"]["spec"]
+    assert not {v["secret"]["secretName"] for v in head_spec.get("volumes", []) if "secret" in v} & secrets
 
 
 @needs_kubectl
@@ -454,8 +552,9 @@ def test_tls_overlay_terminates_tls_in_front_of_the_grpc_service(builds):
             assert ref["name"] in services, f"GRPCRoute backend {ref['name']} is not in the build"
             assert ref["port"] in [p["port"] for p in services[ref["name"]]["spec"]["ports"]]
         served |= {m["method"]["service"] for m in rule.get("matches", [])}
-    assert {"mlipserve.v1.MLIPService", "grpc.health.v1.Health"} <= served
-    assert not any(s.startswith("ray.serve") for s in served), "Ray's own API stays internal"
+    # What the front door serves on its port: the API, health and reflection (v1 and v1alpha).
+    assert served == {"mlipserve.v1.MLIPService", "grpc.health.v1.Health",
+                      "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,7 +619,7 @@ def test_dockerfile_pins_torch_and_installs_client_and_server(name):
     paths = [arg for cmd in installs for arg in cmd if arg.startswith(("/", "."))]
     assert any(p.rstrip("/").endswith("/client") for p in paths), "must install ./client"
     assert any(p.rstrip("/").endswith("/mlipserve") or p == "." for p in paths), "must install the server"
-    # The gRPC proxy imports the generated stubs: the build checks they import.
+    # The front door serves the generated stubs: the build checks they import.
     assert "mlipserve_client.v1.service_pb2_grpc" in runs and "grpc_health.v1.health_pb2_grpc" in runs
 
     for keyword, args in instructions:
@@ -537,7 +636,8 @@ def test_dockerfile_pins_torch_and_installs_client_and_server(name):
     last_user = max(i for i, (k, _) in enumerate(instructions) if k == "USER")
     assert not any(k == "RUN" for k, _ in instructions[last_user:]), "nothing may run as root after USER"
     exposed = {int(p.split("/")[0]) for k, args in instructions if k == "EXPOSE" for p in args.split()}
-    assert {50051, 8000, 8265} <= exposed
+    # The front door's API and health ports, Serve's HTTP proxy (KubeRay), the dashboard.
+    assert {50051, 50052, 8000, 8265} <= exposed
 
 
 def test_fairchem_image_leaves_out_mace_sevenn_and_old_e3nn():
