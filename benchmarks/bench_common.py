@@ -62,16 +62,20 @@ def machine() -> str:
 
 @contextmanager
 def local_server(config, num_cpus: int | None = None):
-    """A local Ray + Serve gRPC proxy serving ``config``; yields its address."""
+    """A local Ray + Serve application serving ``config`` (front door on a free loopback port);
+    yields its address."""
+    import dataclasses
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from mlipserve import runtime
 
     port = runtime.free_port()
+    config = dataclasses.replace(config, server=dataclasses.replace(config.server, port=port))
     runtime.start_ray(num_cpus)
     try:
-        runtime.start_serve(port)
+        runtime.start_serve()
         runtime.deploy(config)
-        yield f"localhost:{port}"
+        yield f"127.0.0.1:{port}"
     finally:
         runtime.stop_local()
 
@@ -79,7 +83,7 @@ def local_server(config, num_cpus: int | None = None):
 def family_handle(family: str):
     from ray import serve
 
-    from mlipserve.app import deployment_name
+    from mlipserve.deployments.model import deployment_name
     from mlipserve.runtime import APP_NAME
 
     return serve.get_deployment_handle(deployment_name(family), app_name=APP_NAME)

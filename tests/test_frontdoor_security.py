@@ -45,7 +45,7 @@ def loop():
 def host(loop):
     host = tiny_host(loop)
     yield host
-    host.close()
+    loop.run(host.aclose())
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,16 @@ import pytest
 
 from mlipserve.errors import (
     InvalidSystemError,
+    LimitExceededError,
     ModelNotFoundError,
     ModelUnavailableError,
+    PermissionDeniedError,
+    RateLimitedError,
+    ReplicaLostError,
     ServerBusyError,
+    SessionIdleError,
     SystemTooLargeError,
+    UnauthenticatedError,
     UnsupportedElementError,
 )
 from mlipserve.status import status_for
@@ -29,7 +35,8 @@ from mlipserve.status import status_for
     (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
 ])
 def test_known_errors_keep_their_message(error, code):
-    got, message = status_for(error)
+    status = status_for(error)
+    got, message = status.code, status.message
     assert got is code
     if not isinstance(error, TimeoutError):
         assert message == str(error)
@@ -39,7 +46,8 @@ def test_known_errors_keep_their_message(error, code):
 
 def test_unexpected_error_is_internal_with_a_logged_id(caplog):
     with caplog.at_level(logging.ERROR, logger="mlipserve"):
-        code, message = status_for(KeyError("positions_tensor"))
+        status = status_for(KeyError("positions_tensor"))
+    code, message = status.code, status.message
     assert code is grpc.StatusCode.INTERNAL
     error_id = message.split("(id ")[1].split(")")[0]
     assert "positions_tensor" not in message and "Traceback" not in message
@@ -52,4 +60,35 @@ def test_remote_errors_are_unwrapped():
 
     cause = ModelNotFoundError("x", ["a"])
     wrapped = RayTaskError("compute", "Traceback ...", cause)
-    assert status_for(wrapped) == (grpc.StatusCode.NOT_FOUND, str(cause))
+    assert (status_for(wrapped).code, status_for(wrapped).message) == (grpc.StatusCode.NOT_FOUND, str(cause))
+
+
+@pytest.mark.parametrize(("error", "code", "retry"), [
+    (ServerBusyError("x", 5000, 1.5), grpc.StatusCode.RESOURCE_EXHAUSTED, "1500"),
+    (RateLimitedError("alice", 2.0, 0.25), grpc.StatusCode.RESOURCE_EXHAUSTED, "250"),
+    (ReplicaLostError("gone"), grpc.StatusCode.UNAVAILABLE, "1000"),
+    (LimitExceededError("systems", "the number of systems", 5000, 1000, "server.limits.max_systems_per_request"),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+    (UnauthenticatedError("no token"), grpc.StatusCode.UNAUTHENTICATED, None),
+    (PermissionDeniedError("bob", "m"), grpc.StatusCode.PERMISSION_DENIED, None),
+])
+def test_retry_hints_travel_only_where_retrying_helps(error, code, retry):
+    """RESOURCE_EXHAUSTED with retry-after-ms is worth retrying (queue full, rate limit); without it
+    (a size limit) it is not."""
+    status = status_for(error)
+    assert status.code is code
+    hint = dict(status.trailing_metadata()).get("retry-after-ms")
+    assert hint == retry
+
+
+def test_ray_errors_become_unavailable_without_ray_text():
+    from ray.exceptions import ActorDiedError
+
+    status = status_for(ActorDiedError())
+    assert status.code is grpc.StatusCode.UNAVAILABLE and "actor" not in status.message.lower()
+
+
+def test_idle_session_closes_with_its_trailer():
+    status = status_for(SessionIdleError(300))
+    assert status.code is grpc.StatusCode.DEADLINE_EXCEEDED and "300 s" in status.message
+    assert ("mlipserve-session", "idle") in status.trailing_metadata()

@@ -29,8 +29,9 @@ _FIRST_BACKOFF_S = 0.1
 _MAX_BACKOFF_S = 5.0
 
 
-def _raise_service_error(err: grpc.RpcError) -> None:
-    code, details = err.code(), err.details() or ""
+def raise_service_error(err: grpc.RpcError, code: grpc.StatusCode | None = None, details: str | None = None) -> None:
+    """Raise ``err`` as the client's exception (ServiceInputError for bad input, else ServiceError)."""
+    code, details = code or err.code(), details or err.details() or ""
     error_class = ServiceInputError if code in _INPUT_CODES else ServiceError
     raise error_class(code, details) from None
 
@@ -87,8 +88,8 @@ class MLIPClient:
         self.retries = retries
         self.tls = bool(tls)
         token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-        # The token lives only in this tuple; repr() and ASE's calculator parameters never show it.
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        # The call metadata: the token lives only here; repr() and ASE's calculator parameters never show it.
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             # The server accepts large systems; so must we when they come back with forces.
             ("grpc.max_receive_message_length", -1),
@@ -107,7 +108,7 @@ class MLIPClient:
             if token and address.rsplit(":", 1)[0] not in ("localhost", "127.0.0.1", "[::1]"):
                 logger.warning("sending a token to %s without TLS: anyone on the network can read it", address)
             self._channel = grpc.insecure_channel(address, options=options)
-        self._stub = service_pb2_grpc.MLIPServiceStub(self._channel)
+        self.stub = service_pb2_grpc.MLIPServiceStub(self._channel)
 
     def __repr__(self) -> str:
         return f"MLIPClient({self.address!r}, model={self.model!r}, tls={self.tls})"
@@ -120,11 +121,11 @@ class MLIPClient:
         while True:
             remaining = deadline - time.monotonic()
             try:
-                return method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+                return method(request, timeout=max(remaining, 0.001), metadata=self.metadata)
             except grpc.RpcError as err:
                 delay = retry_delay(err, backoff) if self.retries else None
                 if delay is None or time.monotonic() + delay >= deadline:
-                    _raise_service_error(err)
+                    raise_service_error(err)
                 logger.info("%s: %s, retrying in %.2f s", self.address, err.code().name, delay)
                 time.sleep(delay * random.uniform(0.8, 1.2))
                 backoff = min(2 * backoff, _MAX_BACKOFF_S)
@@ -152,15 +153,36 @@ class MLIPClient:
         typed = tuple(s if isinstance(s, System) else convert.system_from_atoms(s) for s in systems)
         request = ComputeRequest(model=model, systems=typed, properties=frozenset(Property(p) for p in properties),
                                  task=task, corrections=tuple(corrections))
-        response = self.call(self._stub.Compute, convert.compute_request_to_proto(request), timeout)
+        response = self.call(self.stub.Compute, convert.compute_request_to_proto(request), timeout)
         return [convert.result_from_proto(r, s.n_atoms) for r, s in zip(response.results, typed, strict=True)]
 
+    def session(
+        self,
+        system: Atoms | System,
+        properties: Iterable[Property | str] = DEFAULT_PROPERTIES,
+        *,
+        model: str | None = None,
+        task: str = "",
+        corrections: Sequence[Correction] = (),
+        timeout: float | None = None,
+    ):
+        """An MD session (mlipserve_client.session.Session) for ``system``: ``step(positions, cell)``
+        per geometry, on one stream; ``timeout`` bounds each step, reopening included."""
+        from mlipserve_client.session import Session
+
+        model = model or self.model
+        if not model:
+            raise ValueError("no model given: pass model= here or to MLIPClient")
+        typed = system if isinstance(system, System) else convert.system_from_atoms(system)
+        return Session(self, typed, frozenset(Property(p) for p in properties), model=model, task=task,
+                       corrections=corrections, timeout=timeout)
+
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = self.call(self._stub.ListModels, models_pb2.ListModelsRequest(), timeout)
+        response = self.call(self.stub.ListModels, models_pb2.ListModelsRequest(), timeout)
         return [convert.model_info_from_proto(m) for m in response.models]
 
     def get_model(self, model: str, *, timeout: float | None = None) -> ModelInfo:
-        response = self.call(self._stub.GetModel, models_pb2.GetModelRequest(model=model), timeout)
+        response = self.call(self.stub.GetModel, models_pb2.GetModelRequest(model=model), timeout)
         return convert.model_info_from_proto(response.model)
 
     def close(self) -> None:

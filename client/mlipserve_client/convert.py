@@ -149,6 +149,29 @@ def system_from_proto(message: system_pb2.System, where: str = "system") -> Syst
     return system
 
 
+def system_moved(system: System, positions: Sequence[float], cell: Sequence[float], where: str = "step") -> System:
+    """``system`` at new positions (and, when ``cell`` is not empty, a new cell): one step of an MD
+    session, whose species, pbc, charge and spin stay those of the session. Validated like a whole
+    system (a step's NaN or a collapsed cell is refused by field)."""
+    n = system.n_atoms
+    # Copies: the caller's arrays (ASE's, say) may change in place after this step.
+    moved = np.array(positions, dtype=np.float64)
+    if moved.size != 3 * n:
+        raise InvalidSystemError(f"{where}.positions",
+                                 f"has {moved.size} values, but the session's {n} atoms need {3 * n}")
+    new_cell = system.cell
+    if len(cell):
+        new_cell = np.array(cell, dtype=np.float64)
+        if new_cell.size != 9:
+            raise InvalidSystemError(f"{where}.cell", f"has {new_cell.size} values; give 9 (a 3x3 matrix) or none")
+        new_cell = _readonly(new_cell.reshape(3, 3))
+    stepped = System(numbers=system.numbers, positions=_readonly(moved.reshape(n, 3)), cell=new_cell, pbc=system.pbc,
+                     total_charge=system.total_charge, spin_multiplicity=system.spin_multiplicity,
+                     atomic_charges=system.atomic_charges)
+    validate_system(stepped, where)
+    return stepped
+
+
 # --- requests ------------------------------------------------------------------------------------
 
 

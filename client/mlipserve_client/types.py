@@ -85,6 +85,8 @@ class ComputeRequest:
     properties: frozenset[Property] = DEFAULT_PROPERTIES
     task: str = ""  # "" = the model's default task
     corrections: tuple[Correction, ...] = ()
+    # An MD session's id (its one system): the model replica may keep state for it between steps.
+    session: str = ""
 
     @property
     def n_atoms(self) -> int:

@@ -66,6 +66,7 @@ class BatchRecord:
     work: float
     seconds: float
     queued_s: float = 0.0  # how long the batch's first request waited before the pass started
+    n_sessions: int = 0  # systems that were steps of MD sessions
 
 
 class BatchObserver(Protocol):
@@ -274,7 +275,8 @@ class BatchQueue:
                 results.extend(self._evaluate_units(group, properties, batch[0].request, depth=0))
                 self._record(BatchRecord(lane, len({id(u.pending) for u in group}), len(group),
                                          sum(u.system.n_atoms for u in group), sum(u.work for u in group),
-                                         time.perf_counter() - start, start - batch[0].enqueued_at))
+                                         time.perf_counter() - start, start - batch[0].enqueued_at,
+                                         sum(bool(u.pending.request.session) for u in group)))
         except Exception as error:  # noqa: BLE001 - isolated below: a request fails alone
             if len(batch) == 1:
                 self._settle(batch[0], error=error)
@@ -294,8 +296,12 @@ class BatchQueue:
         """Evaluate ``units`` with the task and corrections of ``like`` (shared by the whole batch)."""
         work = sum(u.work for u in units)
         if work <= self.capacity or len(units) == 1:
+            # Session steps may reuse the neighbour list their replica keeps for the session.
+            keys = tuple(u.pending.request.session or None for u in units)
+            batch = Batch(tuple(u.system for u in units), properties, like.task, like.corrections,
+                          neighbour_keys=keys if any(keys) else ())
             try:
-                results = self._evaluate(Batch(tuple(u.system for u in units), properties, like.task, like.corrections))
+                results = self._evaluate(batch)
             except DeviceOutOfMemory as error:
                 self._learn_capacity(error.capacity if error.capacity is not None else work / 2)
                 if len(units) == 1 or depth >= MAX_SPLIT_DEPTH:

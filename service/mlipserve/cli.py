@@ -51,11 +51,12 @@ def _server_config(config: ServiceConfig, args: argparse.Namespace) -> ServiceCo
     def path(value: Path | None) -> str | None:
         return str(value.resolve()) if value is not None else None
 
-    server = dataclasses.replace(
-        config.server, host=args.host, port=args.port, tls_cert=path(args.tls_cert), tls_key=path(args.tls_key),
-        tls_client_ca=path(args.tls_client_ca), token_file=path(args.token_file) or config.server.token_file,
-        # Hashed here: replicas on other machines do not see this shell's environment.
-        tokens=(*config.server.tokens, *tokens_from_env()))
+    given = {"host": args.host, "port": args.port, "tls_cert": path(args.tls_cert), "tls_key": path(args.tls_key),
+             "tls_client_ca": path(args.tls_client_ca), "token_file": path(args.token_file)}
+    # What the command line gives replaces the config file's server settings; the rest stays.
+    server = dataclasses.replace(config.server, **{k: v for k, v in given.items() if v is not None},
+                                 # Hashed here: replicas on other machines do not see this shell's environment.
+                                 tokens=(*config.server.tokens, *tokens_from_env()))
     return dataclasses.replace(config, server=server)
 
 
@@ -152,10 +153,10 @@ def parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="start a local Ray with the service (default: CHGNet 0.3.0)",
                            description="Start an embedded local Ray instance serving the models over gRPC.")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default %(default)s: this machine only); 0.0.0.0 for every "
-                            "interface, then with --tls-cert/--tls-key and --token-file")
-    serve.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
+    serve.add_argument("--host", help="address to listen on (default: the config's server.host, else 127.0.0.1: "
+                                      "this machine only); 0.0.0.0 for every interface, then with --tls-cert/"
+                                      "--tls-key and --token-file")
+    serve.add_argument("--port", type=int, help=f"gRPC port (default: the config's server.port, else {DEFAULT_GRPC_PORT})")
     serve.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for TLS")
     serve.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     serve.add_argument("--tls-client-ca", type=Path,

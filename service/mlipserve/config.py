@@ -152,6 +152,11 @@ class ServerConfig:
     tokens: tuple[TokenEntry, ...] = ()
     requests_per_second: float | None = None  # default per-token rate; None: unlimited
     limits: Limits = field(default_factory=Limits)
+    # MD sessions (Simulate): closed after this long without a step; at most this many open per
+    # token, and per front door.
+    session_idle_timeout_s: float = 300.0
+    max_sessions_per_token: int = 64
+    max_sessions: int = 1024
     # SIGTERM: stop accepting, then wait this long for in-flight calls.
     drain_grace_s: float = 10.0
     # How long a request for a model of another replica keeps retrying when that replica is lost.

@@ -19,6 +19,7 @@ __all__ = [
     "RateLimitedError",
     "ReplicaLostError",
     "ServerBusyError",
+    "SessionIdleError",
     "SystemTooLargeError",
     "UnauthenticatedError",
     "UnsupportedElementError",
@@ -155,3 +156,16 @@ class RateLimitedError(RuntimeError):
 
 class ReplicaLostError(RuntimeError):
     """The replica computing a request died, and no other answered within the request's deadline."""
+
+
+class SessionIdleError(TimeoutError):
+    """An MD session sent no step for its idle timeout; the server closed it (the client reopens)."""
+
+    trailers = (("mlipserve-session", "idle"),)
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        super().__init__(f"the session sent no step for {idle_s:g} s and was closed; open a new one")
+
+    def __reduce__(self):
+        return type(self), (self.idle_s,)

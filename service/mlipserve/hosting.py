@@ -195,6 +195,9 @@ class ModelHost:
     def probe_result(self, model_id: str) -> ProbeResult | None:
         return self._probes.get(model_id)
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Stop the models' queues (on the event loop they run on) and the compute lanes."""
+        for loaded in list(self._resident.values()):
+            loaded.close()
         self._small_lane.shutdown(wait=False, cancel_futures=True)
         self._large_lane.shutdown(wait=False, cancel_futures=True)

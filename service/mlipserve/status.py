@@ -68,11 +68,12 @@ class Status:
     code: grpc.StatusCode
     message: str
     retry_after_s: float | None = None  # set where the client should retry after this delay
+    trailers: tuple[tuple[str, str], ...] = ()  # further trailing metadata the error carries
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         if self.retry_after_s is None:
-            return ()
-        return ((RETRY_AFTER_KEY, str(max(1, round(self.retry_after_s * 1000)))),)
+            return self.trailers
+        return ((RETRY_AFTER_KEY, str(max(1, round(self.retry_after_s * 1000)))), *self.trailers)
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -87,11 +88,12 @@ def status_for(error: BaseException) -> Status:
     error = _unwrap(error)
     for error_type, code in _STATUS:
         if isinstance(error, error_type):
-            message = next((m for t, m in _MESSAGES.items() if isinstance(error, t)), None) or str(error)
+            own = str(error) if type(error).__module__ == "mlipserve.errors" else None
+            message = own or next((m for t, m in _MESSAGES.items() if isinstance(error, t)), None) or str(error)
             retry = getattr(error, "retry_after_s", None)
             if retry is None:
                 retry = next((r for t, r in _RETRY_AFTER_S.items() if isinstance(error, t)), None)
-            return Status(code, message, retry)
+            return Status(code, message, retry, getattr(error, "trailers", ()))
     error_id = uuid.uuid4().hex[:12]
     logger.error("internal error %s", error_id, exc_info=error)
     return Status(grpc.StatusCode.INTERNAL, f"internal server error (id {error_id}); the server log has the details")

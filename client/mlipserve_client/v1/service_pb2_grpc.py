@@ -6,6 +6,7 @@ import warnings
 
 from mlipserve_client.v1 import compute_pb2 as mlipserve_dot_v1_dot_compute__pb2
 from mlipserve_client.v1 import models_pb2 as mlipserve_dot_v1_dot_models__pb2
+from mlipserve_client.v1 import session_pb2 as mlipserve_dot_v1_dot_session__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -41,6 +42,11 @@ class MLIPServiceStub:
                 request_serializer=mlipserve_dot_v1_dot_compute__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=mlipserve_dot_v1_dot_compute__pb2.ComputeResponse.FromString,
                 _registered_method=True)
+        self.Simulate = channel.stream_stream(
+                '/mlipserve.v1.MLIPService/Simulate',
+                request_serializer=mlipserve_dot_v1_dot_session__pb2.SessionRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_session__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/mlipserve.v1.MLIPService/ListModels',
                 request_serializer=mlipserve_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
@@ -58,9 +64,25 @@ class MLIPServiceServicer:
 
     def Compute(self, request, context):
         """Energies, forces and stress for one or more systems with one model.
-        INVALID_ARGUMENT: a malformed system (the message names the field and atom index) or an element
-        the model does not support; NOT_FOUND: unknown model id (the message lists the available ones);
-        UNAVAILABLE: the model is loading or failed to load; RESOURCE_EXHAUSTED: the server is full, retry.
+        INVALID_ARGUMENT: a malformed request or system (the message names the field and atom index) or
+        an element the model does not support; NOT_FOUND: unknown model id (the message lists the
+        available ones); UNAVAILABLE: the model is loading, or its replica was lost: retry;
+        RESOURCE_EXHAUSTED with trailing metadata retry-after-ms: the queue is full or the token is
+        over its rate, retry after that long; RESOURCE_EXHAUSTED without it: the request is over a
+        size limit of the server (the message names it), split it; UNAUTHENTICATED: no or an unknown
+        bearer token (authorization: Bearer <token>); PERMISSION_DENIED: the token may not use this
+        model; DEADLINE_EXCEEDED: the call's deadline passed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Simulate(self, request_iterator, context):
+        """An MD session: SessionOpen, then one SessionStep per geometry, each answered in order on the
+        same stream. Steps of many sessions and unary calls share the model's batches; the server may
+        keep a neighbour list per session (reused until an atom moved more than half its skin). Errors
+        end the stream with the statuses of Compute; a session whose replica was lost (UNAVAILABLE) or
+        that sat idle (DEADLINE_EXCEEDED, mlipserve-session: idle) is reopened by the client.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -87,6 +109,11 @@ def add_MLIPServiceServicer_to_server(servicer, server):
                     servicer.Compute,
                     request_deserializer=mlipserve_dot_v1_dot_compute__pb2.ComputeRequest.FromString,
                     response_serializer=mlipserve_dot_v1_dot_compute__pb2.ComputeResponse.SerializeToString,
+            ),
+            'Simulate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Simulate,
+                    request_deserializer=mlipserve_dot_v1_dot_session__pb2.SessionRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_session__pb2.SessionResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -126,6 +153,33 @@ class MLIPService:
             '/mlipserve.v1.MLIPService/Compute',
             mlipserve_dot_v1_dot_compute__pb2.ComputeRequest.SerializeToString,
             mlipserve_dot_v1_dot_compute__pb2.ComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Simulate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mlipserve.v1.MLIPService/Simulate',
+            mlipserve_dot_v1_dot_session__pb2.SessionRequest.SerializeToString,
+            mlipserve_dot_v1_dot_session__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,4 +91,4 @@ class ModelServer:
     async def __del__(self) -> None:
         # Serve's graceful shutdown (serve.shutdown, a redeploy, SIGTERM of `mlipserve serve`): drain.
         await self.front_door.stop()
-        self.host.close()
+        await self.host.aclose()

@@ -50,8 +50,11 @@ def load_token_file(path: str | Path) -> tuple[TokenEntry, ...]:
 
     path = Path(path)
     text = path.read_text()
-    data = yaml.safe_load(text) if text.lstrip().startswith("tokens:") else None
-    if data is None:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None  # plain tokens may hold characters YAML does not accept
+    if not (isinstance(data, dict) and "tokens" in data):
         lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
         entries = tuple(_entry(line, f"{path.name}:{k + 1}") for k, line in enumerate(lines) if line)
     else:

@@ -25,6 +25,7 @@ from mlipserve.server.health import HealthReporter
 from mlipserve.server.interceptors import AuthInterceptor
 from mlipserve.server.limits import transport_limit_bytes
 from mlipserve.server.servicer import MLIPServicer
+from mlipserve.server.sessions import SessionServicer
 from mlipserve_client.client import SERVICE_NAME
 
 logger = logging.getLogger("mlipserve.server")
@@ -46,7 +47,11 @@ def is_loopback(host: str) -> bool:
 def accepted_tokens(config: ServerConfig) -> tuple[TokenEntry, ...]:
     """Tokens from the config, its token file and $MLIPSERVE_TOKENS, read where the server runs."""
     from_file = load_token_file(config.token_file) if config.token_file else ()
-    return (*config.tokens, *from_file, *tokens_from_env())
+    unique: dict[str, TokenEntry] = {}
+    for entry in (*config.tokens, *from_file, *tokens_from_env()):
+        # The CLI hashes $MLIPSERVE_TOKENS into the config, and a local replica inherits it too.
+        unique.setdefault(entry.sha256, entry)
+    return tuple(unique.values())
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -76,6 +81,7 @@ class FrontDoor:
         self.config = config
         self.health = HealthReporter(engine, wait_s=info_wait_s)
         self.servicer = MLIPServicer(engine, config.limits, info_wait_s)
+        self.sessions = SessionServicer(self.servicer, config)
         tokens = accepted_tokens(config)
         self.authenticator = Authenticator(tokens, config.requests_per_second) if tokens else None
         self.server: grpc.aio.Server | None = None
@@ -101,7 +107,8 @@ class FrontDoor:
         ]
         interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        server.add_generic_rpc_handlers([self.servicer.handler()])
+        methods = {**self.servicer.methods(), "Simulate": self.sessions.handler()}
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, methods)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         _add_reflection(server, [SERVICE_NAME])
         bind = f"{config.host}:{config.port}"

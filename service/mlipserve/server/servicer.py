@@ -26,7 +26,6 @@ from mlipserve.server.engine import Engine
 from mlipserve.server.limits import check_compute_limits, check_message_size, check_model_id
 from mlipserve.status import abort
 from mlipserve_client import convert
-from mlipserve_client.client import SERVICE_NAME
 from mlipserve_client.types import ComputeRequest, Electrostatics, ModelInfo, ModelStatus, Property
 from mlipserve_client.v1 import compute_pb2, models_pb2
 
@@ -85,11 +84,10 @@ class MLIPServicer:
         # How long ListModels and GetModel wait for a model on another replica (then: LOADING).
         self.info_wait_s = info_wait_s
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def methods(self) -> dict[str, grpc.RpcMethodHandler]:
         # No (de)serializers: the handlers see and answer raw bytes.
         methods = {"Compute": self.compute, "ListModels": self.list_models, "GetModel": self.get_model}
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME, {name: grpc.unary_unary_rpc_method_handler(m) for name, m in methods.items()})
+        return {name: grpc.unary_unary_rpc_method_handler(m) for name, m in methods.items()}
 
     async def available_info(self, model_id: str) -> ModelInfo:
         """The model's metadata if the caller may use it and it is ready (else the error why)."""

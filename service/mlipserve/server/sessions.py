@@ -1,0 +1,139 @@
+"""Simulate: MD sessions on one bidirectional stream.
+
+A session is opened once (model, task, corrections, properties, species, pbc, charge: checked once,
+like a Compute request), then each step sends positions (and the cell when it changed) and gets its
+result on the same stream, in order. Each step is a one-system ComputeRequest tagged with the
+session's id in the same model queue as unary calls, so steps of many sessions and unary requests
+share forward passes; the model replica may keep a neighbour list per session (mlipserve.neighbours).
+
+A session lives in the front door that accepted its stream (one stream, one connection): its steps
+go to that replica's own models, where its state is, without being routed again. Sessions close
+after ``session_idle_timeout_s`` without a step (DEADLINE_EXCEEDED, ``mlipserve-session: idle``);
+at most ``max_sessions_per_token`` are open per token and ``max_sessions`` per front door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from mlipserve.config import ServerConfig
+from mlipserve.errors import InvalidSystemError, LimitExceededError, SessionIdleError
+from mlipserve.geometry import check_geometry
+from mlipserve.server.auth import current_principal
+from mlipserve.server.servicer import MLIPServicer, decode, prepare
+from mlipserve.status import abort
+from mlipserve_client import convert
+from mlipserve_client.types import ComputeRequest, ModelInfo, Property
+from mlipserve_client.v1 import session_pb2
+
+
+@dataclasses.dataclass
+class Session:
+    id: str
+    owner: str  # the token's name ("" without authentication)
+    request: ComputeRequest  # model, properties, corrections, and its one system as last moved
+    info: ModelInfo
+    max_neighbours_per_atom: float
+    steps: int = 0
+
+    def at(self, step: session_pb2.SessionStep) -> ComputeRequest:
+        where = f"step {step.step}"
+        system = convert.system_moved(self.request.systems[0], step.positions, step.cell, where)
+        check_geometry(system, where, self.info.cutoff, self.max_neighbours_per_atom)
+        if len(step.cell):
+            # The cell persists: later steps that send none keep this one.
+            self.request = dataclasses.replace(self.request, systems=(system,))
+        return dataclasses.replace(self.request, systems=(system,))
+
+
+class SessionServicer:
+    def __init__(self, api: MLIPServicer, config: ServerConfig) -> None:
+        self.api = api
+        self.config = config
+        self.open_sessions: dict[str, Session] = {}
+        self._per_principal: collections.Counter[str] = collections.Counter()
+
+    def handler(self) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(self.simulate)
+
+    async def _next(self, requests: AsyncIterator[bytes]) -> bytes | None:
+        try:
+            return await asyncio.wait_for(anext(requests), self.config.session_idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise SessionIdleError(self.config.session_idle_timeout_s) from None
+
+    async def _open(self, message: session_pb2.SessionOpen) -> Session:
+        if not message.HasField("system"):
+            raise InvalidSystemError("open.system", "a session needs its system (atomic numbers, positions, cell, pbc)")
+        info = await self.api.available_info(message.model)
+        system = convert.system_from_proto(message.system, "open.system")
+        properties = convert.properties_from_proto(message.properties)
+        if not message.properties and system.is_periodic and system.pbc.all():
+            properties = properties | {Property.STRESS}
+        request = ComputeRequest(
+            model=message.model, systems=(system,), properties=properties, task=message.task,
+            corrections=tuple(convert.correction_from_proto(c, f"open.corrections[{i}]")
+                              for i, c in enumerate(message.corrections)))
+        request = prepare(info, request, self.api.limits)
+        principal = current_principal.get()
+        owner = principal.name if principal is not None else ""
+        if len(self.open_sessions) >= self.config.max_sessions:
+            raise LimitExceededError("open", "the number of open sessions", len(self.open_sessions) + 1,
+                                     self.config.max_sessions, "server.max_sessions")
+        if principal is not None and self._per_principal[owner] >= self.config.max_sessions_per_token:
+            raise LimitExceededError("open", f"the number of sessions open with token {owner!r}",
+                                     self._per_principal[owner] + 1, self.config.max_sessions_per_token,
+                                     "server.max_sessions_per_token")
+        session_id = uuid.uuid4().hex
+        session = Session(session_id, owner, dataclasses.replace(request, session=session_id), info,
+                          self.api.limits.max_neighbours_per_atom)
+        self.open_sessions[session.id] = session
+        self._per_principal[owner] += 1
+        return session
+
+    def _close(self, session: Session) -> None:
+        del self.open_sessions[session.id]
+        self._per_principal[session.owner] -= 1
+        if not self._per_principal[session.owner]:
+            del self._per_principal[session.owner]
+
+    async def simulate(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        session = None
+        try:
+            first = await self._next(requests)
+            if first is None:
+                return
+            opening = decode(session_pb2.SessionRequest, first)
+            if opening.WhichOneof("kind") != "open":
+                raise InvalidSystemError("open", "a session starts with SessionOpen; a step came first")
+            session = await self._open(opening.open)
+            yield session_pb2.SessionResponse(opened=session_pb2.SessionOpened(
+                session_id=session.id, model_version=session.info.version,
+                idle_timeout_s=self.config.session_idle_timeout_s,
+                corrections=[c.name for c in session.request.corrections])).SerializeToString()
+            while (raw := await self._next(requests)) is not None:
+                message = decode(session_pb2.SessionRequest, raw)
+                if message.WhichOneof("kind") != "step":
+                    raise InvalidSystemError("open", "this session is already open: its model, species and pbc "
+                                                     "are fixed; open another stream for another system")
+                request = session.at(message.step)
+                (result,) = await self.api.engine.compute(request, None)
+                session.steps += 1
+                yield session_pb2.SessionResponse(result=session_pb2.StepResult(
+                    step=message.step.step, result=convert.result_to_proto(result))).SerializeToString()
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
+            await abort(context, error)
+        finally:
+            if session is not None:
+                self._close(session)
+
