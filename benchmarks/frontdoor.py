@@ -121,17 +121,27 @@ def throughput(address: str, seconds: float, **client_options) -> float:
     """16 clients, each computing its own 8–16-atom system (E, F, S in one call) in a loop."""
     from mlipserve_client import MLIPClient
 
-    systems = mixed_8_16(16)
+    @contextmanager
+    def unary(atoms: Atoms):
+        with MLIPClient(address, model=MODEL, timeout=300, **client_options) as own:
+            yield lambda: own.compute(atoms, EFS)
+
+    return concurrent_atoms_per_s(mixed_8_16(16), unary, seconds)
+
+
+def concurrent_atoms_per_s(systems: list[Atoms], open_client, seconds: float) -> float:
+    """Each system in a thread of its own, evaluated in a loop by ``open_client(atoms)`` (a context
+    manager giving a callable that evaluates it once), for ``seconds``: atoms evaluated per second."""
     done = [0] * len(systems)
     barrier = threading.Barrier(len(systems) + 1)
     stop = threading.Event()
 
     def client(k: int) -> None:
-        with MLIPClient(address, model=MODEL, timeout=300, **client_options) as own:
-            own.compute(systems[k], EFS)
+        with open_client(systems[k]) as evaluate:
+            evaluate()
             barrier.wait()
             while not stop.is_set():
-                own.compute(systems[k], EFS)
+                evaluate()
                 done[k] += len(systems[k])
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(len(systems))]

@@ -37,6 +37,9 @@ def commands(args) -> dict[str, list[str]]:
     runs["serving"] = [py, "serving.py", "--device", args.device, *cpus, *clients]
     runs["corrections"] = [py, "corrections.py", "--threads", str(args.num_cpus // 2 or 1),
                            *(["--quick"] if args.quick else [])]
+    runs["frontdoor"] = [py, "frontdoor.py", *cpus, *(["--calls", "40", "--seconds", "8"] if args.quick else [])]
+    runs["sessions"] = [py, "sessions.py", *cpus,
+                        *(["--steps", "15", "--nve-steps", "200", "--seconds", "8"] if args.quick else [])]
     return {name: argv for name, argv in runs.items() if any(name.startswith(o) for o in args.only)}
 
 
@@ -65,6 +68,34 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
             if "ratio_served_over_peer" in row:
                 rows.append((f"served / ASE SocketIOCalculator peer, {n} clients",
                              f"{row['ratio_served_over_peer']:.2f}", ""))
+    frontdoor = results.get("frontdoor")
+    if frontdoor:
+        rows.append(("bare grpcio echo on loopback (the floor)", f"{frontdoor['echo_floor_ms']:.2f} ms", ""))
+        for variant, label in (("before_proxy", "Serve gRPC proxy (before)"), ("front_door", "front door"),
+                               ("front_door_tls_token", "front door, TLS + token")):
+            if variant in frontdoor:
+                v = frontdoor[variant]
+                rows.append((f"serving overhead per Compute, 2 / 64-atom Si, {label}",
+                             f"{v['overhead_si2_ms']:.2f} / {v['overhead_si64_ms']:.2f} ms", "≤ 2 ms"))
+                rows.append((f"16 clients, 8–16 atoms, E+F+S / in-process ceiling, {label}",
+                             f"{v['ratio_16_clients_over_ceiling']:.2f}", "≥ 0.9"))
+        extra = frontdoor["tls_token_minus_plaintext_ms"]
+        rows.append(("TLS + token minus plaintext overhead, 2 / 64 atoms",
+                     f"{extra['si2']:.2f} / {extra['si64']:.2f} ms", "≤ 0.3 ms"))
+    sessions = results.get("sessions")
+    if sessions:
+        for model, row in sessions["models"].items():
+            rows.append((f"forces-then-stress MD step, served / in-process calculator, {model}, 64 atoms",
+                         f"{row['ratio_forces_then_stress_over_local']:.2f} "
+                         f"({row['session_round_trips_per_step']:.2f} round trips per step)", "≤ 1.15"))
+            rows.append((f"NVE step overhead, session / unary, {model}, 64 atoms",
+                         f"{row['session_overhead_ms']:.2f} / {row['unary_overhead_ms']:.2f} ms", "≤ 1 ms, below unary"))
+            if row.get("rebuild_fraction") is not None:
+                rows.append((f"neighbour-list rebuilds, {row['nve_steps']} NVE steps, {model}",
+                             f"{row['rebuild_fraction']:.1%}", "≤ 10 %"))
+        if "sixteen_sessions" in sessions:
+            rows.append(("16 sessions, 8–16 atoms / in-process ceiling",
+                         f"{sessions['sixteen_sessions']['ratio']:.2f}", "≥ 0.9"))
     corrections = results.get("corrections")
     if corrections:
         for name, ratio in corrections["ratio_to_chgnet_at_1000_atoms"].items():
@@ -77,7 +108,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, clients and sizes (minutes, not an hour)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the models' device, served and local")
     parser.add_argument("--num-cpus", type=int, default=2, help="torch threads per replica and per local run")
-    parser.add_argument("--only", nargs="+", default=["md_step", "serving", "corrections"])
+    parser.add_argument("--only", nargs="+", default=["md_step", "serving", "corrections", "frontdoor", "sessions"])
     args = parser.parse_args()
 
     results: dict[str, dict] = {}

@@ -231,3 +231,20 @@ def test_sessions_are_limited_per_front_door(door):
         s.close()
     for c in clients:
         c.close()
+
+
+def test_drain_ends_open_sessions_at_once(loop, host):
+    import time
+
+    with running_front_door(loop, host) as door:
+        client = MLIPClient(door.address, model=MODEL, timeout=2)
+        session = client.session(box_of_water())
+        session.step(box_of_water().positions)
+        start = time.monotonic()
+        loop.run(door.stop(grace=8.0))  # the open stream does not hold the drain for its grace
+        assert time.monotonic() - start < 4.0
+        with pytest.raises(ServiceError) as error:
+            session.step(box_of_water().positions)  # nothing listens any more: retried, then refused
+        assert error.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        session.close()
+        client.close()

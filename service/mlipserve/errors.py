@@ -19,6 +19,7 @@ __all__ = [
     "RateLimitedError",
     "ReplicaLostError",
     "ServerBusyError",
+    "ServerDrainingError",
     "SessionIdleError",
     "SystemTooLargeError",
     "UnauthenticatedError",
@@ -169,3 +170,12 @@ class SessionIdleError(TimeoutError):
 
     def __reduce__(self):
         return type(self), (self.idle_s,)
+
+
+class ServerDrainingError(RuntimeError):
+    """This front door is shutting down; another (or the restarted one) takes the call."""
+
+    retry_after_s = 0.5
+
+    def __init__(self) -> None:
+        super().__init__("this server is shutting down; reconnect and retry")

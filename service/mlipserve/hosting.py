@@ -195,6 +195,12 @@ class ModelHost:
     def probe_result(self, model_id: str) -> ProbeResult | None:
         return self._probes.get(model_id)
 
+    def neighbour_stats(self, model_id: str):
+        """The skin neighbour lists' counters of a resident model whose backend keeps them, else None."""
+        loaded = self._resident.get(model_id)
+        stats = getattr(loaded.backend, "neighbour_stats", None) if loaded else None
+        return stats() if stats else None
+
     async def aclose(self) -> None:
         """Stop the models' queues (on the event loop they run on) and the compute lanes."""
         for loaded in list(self._resident.values()):

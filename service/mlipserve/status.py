@@ -26,6 +26,7 @@ from mlipserve.errors import (
     RateLimitedError,
     ReplicaLostError,
     ServerBusyError,
+    ServerDrainingError,
     SystemTooLargeError,
     UnauthenticatedError,
 )
@@ -41,6 +42,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ModelUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (ReplicaLostError, grpc.StatusCode.UNAVAILABLE),
+    (ServerDrainingError, grpc.StatusCode.UNAVAILABLE),
     (RayActorError, grpc.StatusCode.UNAVAILABLE),
     (ReplicaUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeploymentUnavailableError, grpc.StatusCode.UNAVAILABLE),

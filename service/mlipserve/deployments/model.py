@@ -88,6 +88,9 @@ class ModelServer:
     async def probe_result(self, model_id: str) -> ProbeResult | None:
         return self.host.probe_result(model_id)
 
+    async def neighbour_stats(self, model_id: str):
+        return self.host.neighbour_stats(model_id)
+
     async def __del__(self) -> None:
         # Serve's graceful shutdown (serve.shutdown, a redeploy, SIGTERM of `mlipserve serve`): drain.
         await self.front_door.stop()

@@ -132,11 +132,13 @@ class FrontDoor:
         return await self.health.refresh()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new calls, finish in-flight ones within ``grace`` seconds."""
+        """Drain: NOT_SERVING, sessions told to reconnect, new calls refused, in-flight ones finished
+        within ``grace`` seconds."""
         if self.server is None:
             return
         server, self.server = self.server, None
         await self.health.drain()
+        await self.sessions.drain()
         await server.stop(self.config.drain_grace_s if grace is None else grace)
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from mlipserve.config import ServerConfig
-from mlipserve.errors import InvalidSystemError, LimitExceededError, SessionIdleError
+from mlipserve.errors import InvalidSystemError, LimitExceededError, ServerDrainingError, SessionIdleError
 from mlipserve.geometry import check_geometry
 from mlipserve.server.auth import current_principal
 from mlipserve.server.servicer import MLIPServicer, decode, prepare
@@ -58,6 +58,15 @@ class SessionServicer:
         self.config = config
         self.open_sessions: dict[str, Session] = {}
         self._per_principal: collections.Counter[str] = collections.Counter()
+        self._tasks: set[asyncio.Task] = set()
+        self._draining = False
+
+    async def drain(self) -> None:
+        """End every open session with UNAVAILABLE: its client reopens it on another front door (or
+        this one restarted) rather than waiting out the drain."""
+        self._draining = True
+        for task in list(self._tasks):
+            task.cancel()
 
     def handler(self) -> grpc.RpcMethodHandler:
         return grpc.stream_stream_rpc_method_handler(self.simulate)
@@ -107,7 +116,11 @@ class SessionServicer:
 
     async def simulate(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         session = None
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
+            if self._draining:
+                raise ServerDrainingError()
             first = await self._next(requests)
             if first is None:
                 return
@@ -129,11 +142,16 @@ class SessionServicer:
                 session.steps += 1
                 yield session_pb2.SessionResponse(result=session_pb2.StepResult(
                     step=message.step.step, result=convert.result_to_proto(result))).SerializeToString()
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except asyncio.CancelledError:
+            if not self._draining:
+                raise  # the client went away
+            await abort(context, ServerDrainingError())
+        except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
             await abort(context, error)
         finally:
+            self._tasks.discard(task)
             if session is not None:
                 self._close(session)
 
