@@ -1,6 +1,15 @@
-"""CHGNet (chgnet 0.4.2): pretrained weights shipped inside the wheel, batched over systems."""
+"""CHGNet (chgnet 0.4.2): pretrained weights shipped inside the wheel, batched over systems.
+
+CHGNet's graph converter takes its neighbours from ``Structure.get_neighbor_list`` and builds the
+bond graph and the three-body angles from that list alone. A system with a neighbour key (an MD
+session) is handed to it as a Structure that answers that call from a skin list kept under the key
+(mlipserve.neighbours): the same pairs in another order, so the same bonds and angles, which the
+converter still builds every step (angles depend on the bond lengths at that step).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Hashable
 
 import numpy as np
 from ase import units
@@ -10,6 +19,7 @@ from pymatgen.core import Lattice, Structure
 from mlipserve.backends.base import Batch
 from mlipserve.cost import angle_work
 from mlipserve.geometry import wrapped_positions
+from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 VERSIONS = ("0.3.0", "0.2.0", "r2scan")
@@ -22,6 +32,9 @@ _TRAINING_DATA = {
 _ELEMENTS = tuple(range(1, 95))
 # Extra vacuum (Å) beyond the atom-graph cutoff when boxing a system that was sent without a cell.
 _BOX_MARGIN = 1.0
+# The numerical_tol CHGNet's converter passes to get_neighbor_list: pymatgen keeps pairs up to it
+# beyond the cutoff.
+_NEIGHBOUR_TOLERANCE = 1e-8
 
 
 class CHGNetBackend:
@@ -30,9 +43,13 @@ class CHGNetBackend:
     CHGNet needs a lattice for every structure. A system without a cell is boxed (each side its
     extent plus the cutoff plus a margin) with PBC off, which pymatgen's neighbour search honours, so
     the box changes nothing; such a system gets no stress, as stress has no meaning without a cell.
+
+    ``neighbour_skin`` (Å) and ``neighbour_sessions`` size the skin neighbour lists kept for systems
+    with a neighbour key (mlipserve.neighbours).
     """
 
-    def __init__(self, model_id: str = "chgnet-0.3.0", version: str = "0.3.0", device: str = "cpu") -> None:
+    def __init__(self, model_id: str = "chgnet-0.3.0", version: str = "0.3.0", device: str = "cpu",
+                 neighbour_skin: float = DEFAULT_SKIN, neighbour_sessions: int = DEFAULT_SESSIONS) -> None:
         from chgnet.model import CHGNet
 
         if version not in VERSIONS:
@@ -42,6 +59,8 @@ class CHGNetBackend:
         # CHGNet prints a warning per isolated atom to stderr; a dilute gas is a valid request.
         self.model.graph_converter.set_isolated_atom_response("ignore")
         self.cutoff = float(self.model.graph_converter.atom_graph_cutoff)
+        self._neighbours = VerletCache(self.cutoff, neighbour_skin, neighbour_sessions,
+                                       tolerance=_NEIGHBOUR_TOLERANCE)
         self._info = ModelInfo(
             id=model_id,
             architecture="CHGNet",
@@ -62,21 +81,32 @@ class CHGNetBackend:
     def info(self) -> ModelInfo:
         return self._info
 
+    def neighbour_stats(self) -> NeighbourStats:
+        return self._neighbours.stats()
+
     def cost(self, system: System) -> float:
         """Atoms, neighbour pairs and, what dominates CHGNet's memory, its three-body angles."""
         return angle_work(system, self.cutoff, float(self.model.graph_converter.bond_graph_cutoff))
 
-    def _structure(self, system: System) -> Structure:
+    def _structure(self, system: System, key: Hashable | None) -> Structure:
         cell = system.cell
         if cell is None:
             extent = np.ptp(system.positions, axis=0)
             cell = np.diag(extent + self.cutoff + _BOX_MARGIN)
         lattice = Lattice(cell, pbc=tuple(bool(p) for p in system.pbc))
-        return Structure(lattice, system.numbers.tolist(), wrapped_positions(system), coords_are_cartesian=True)
+        positions = wrapped_positions(system)
+        if key is None:
+            return Structure(lattice, system.numbers.tolist(), positions, coords_are_cartesian=True)
+        # The box of a system without a cell follows its extent, so it changes every step: the list
+        # is kept for the system without it (no axis is periodic, so the box changes no pair).
+        edges = self._neighbours.edges(key, positions, system.cell, system.pbc, system.numbers)
+        return _ListedStructure(lattice, system.numbers.tolist(), positions, coords_are_cartesian=True,
+                                edges=edges, cutoff=self.cutoff)
 
     def compute(self, batch: Batch) -> list[Result]:
         properties = batch.properties
-        graphs = [self.model.graph_converter(self._structure(s)) for s in batch.systems]
+        graphs = [self.model.graph_converter(self._structure(s, batch.neighbour_key(k)))
+                  for k, s in enumerate(batch.systems)]
         task = "ef" + ("s" if Property.STRESS in properties else "") + ("m" if Property.MAGMOMS in properties else "")
         predictions = self.model.predict_graph(
             graphs,
@@ -103,3 +133,18 @@ class CHGNetBackend:
         if Property.MAGMOMS in properties:
             result.magmoms = np.asarray(prediction["m"], dtype=np.float64).reshape(-1)
         return result
+
+
+class _ListedStructure(Structure):
+    """A Structure whose neighbour list, the one query CHGNet's converter makes, is given."""
+
+    def __init__(self, *args, edges: Edges, cutoff: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._edges = edges
+        self._cutoff = cutoff
+
+    def get_neighbor_list(self, r, sites=None, numerical_tol=1e-8, exclude_self=True):
+        if r != self._cutoff or (sites is not None and len(sites) != len(self)):
+            raise ValueError(f"this structure holds the neighbours of all its sites within {self._cutoff} Å")
+        edges = self._edges
+        return edges.i, edges.j, edges.shifts.astype(np.float64), np.linalg.norm(edges.vectors, axis=1)

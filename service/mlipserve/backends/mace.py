@@ -5,12 +5,15 @@ The merged graph is built here rather than with ``mace.data.AtomicData.from_conf
 creates every tensor in ``torch.get_default_dtype()``, so using it would mean flipping the
 process-wide default dtype per request, and a replica may serve float32 and float64 models side by
 side. The edges come from ``mace.data.neighborhood.get_neighborhood``, the neighbour list that
-``MACECalculator`` uses, so the graph is the one MACE's own calculator builds.
+``MACECalculator`` uses, so the graph is the one MACE's own calculator builds; a system with a
+neighbour key (an MD session) gets the same edges, in another order, from a skin list kept under it
+(mlipserve.neighbours).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mlipserve.backends.base import Batch
 from mlipserve.errors import UnsupportedElementError
 from mlipserve.geometry import wrapped_positions
+from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, NeighbourStats, VerletCache, lattice_vectors
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -64,7 +68,8 @@ class MACEBackend:
 
     ``dtype`` ("float32" or "float64") is what the model runs in, whatever it was saved in.
     ``training_data``, ``license`` and ``trained`` describe a user model (defaults: the config's
-    ``meta``, else "not stated" and trained).
+    ``meta``, else "not stated" and trained). ``neighbour_skin`` (Å) and ``neighbour_sessions`` size
+    the skin neighbour lists kept for systems with a neighbour key (mlipserve.neighbours).
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class MACEBackend:
         training_data: str | None = None,
         license: str | None = None,
         trained: bool | None = None,
+        neighbour_skin: float = DEFAULT_SKIN,
+        neighbour_sessions: int = DEFAULT_SESSIONS,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -125,6 +132,7 @@ class MACEBackend:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)  # forces need d/dpositions only
         self.cutoff = float(self.model.r_max)
+        self._neighbours = VerletCache(self.cutoff, neighbour_skin, neighbour_sessions)
         self._zs = np.array([int(z) for z in self.model.atomic_numbers], dtype=np.int64)
         # Atomic number -> one-hot column; -1 marks an element the model does not know.
         self._z_to_index = np.full(max(119, int(self._zs.max()) + 1), -1, dtype=np.int64)
@@ -154,10 +162,14 @@ class MACEBackend:
     def info(self) -> ModelInfo:
         return self._info
 
+    def neighbour_stats(self) -> NeighbourStats:
+        return self._neighbours.stats()
+
     def compute(self, batch: Batch) -> list[Result]:
         properties = batch.properties
         head = self._head_index(batch.task)
-        data = self._collate([self._graph(i, s) for i, s in enumerate(batch.systems)], head)
+        graphs = [self._graph(i, s, batch.neighbour_key(i)) for i, s in enumerate(batch.systems)]
+        data = self._collate(graphs, head)
         forces = Property.FORCES in properties
         stress = Property.STRESS in properties and any(s.cell is not None for s in batch.systems)
         with torch.set_grad_enabled(forces or stress):
@@ -187,7 +199,7 @@ class MACEBackend:
             raise ValueError(f"model {self._info.id!r} has no head {head!r}; its heads are {heads}")
         return self._heads.index(head)
 
-    def _graph(self, index: int, system: System) -> dict[str, np.ndarray]:
+    def _graph(self, index: int, system: System, key: Hashable | None) -> dict[str, np.ndarray]:
         from mace.data.neighborhood import get_neighborhood
 
         species = self._z_to_index[system.numbers]
@@ -199,14 +211,19 @@ class MACEBackend:
             )
         positions = wrapped_positions(system)
         cell = system.cell if system.cell is not None else np.zeros((3, 3))
-        # get_neighborhood replaces the rows of non-periodic axes by a huge box (in place: a copy);
-        # the unit shifts along those axes are 0, so the true cell gives the same shifts.
-        edge_index, shifts, unit_shifts, _ = get_neighborhood(
-            positions=positions,
-            cutoff=self.cutoff,
-            pbc=tuple(bool(p) for p in system.pbc),
-            cell=np.array(cell, dtype=np.float64),
-        )
+        if key is None:
+            # get_neighborhood replaces the rows of non-periodic axes by a huge box (in place: a copy);
+            # the unit shifts along those axes are 0, so the true cell gives the same shifts.
+            edge_index, shifts, unit_shifts, _ = get_neighborhood(
+                positions=positions,
+                cutoff=self.cutoff,
+                pbc=tuple(bool(p) for p in system.pbc),
+                cell=np.array(cell, dtype=np.float64),
+            )
+        else:
+            edges = self._neighbours.edges(key, positions, system.cell, system.pbc, system.numbers)
+            edge_index, unit_shifts = np.stack((edges.i, edges.j)), edges.shifts
+            shifts = lattice_vectors(unit_shifts, cell)
         return {
             "species": species,
             "positions": positions,

@@ -3,7 +3,9 @@ the wheel, or a user checkpoint, evaluated over all systems of a Batch in one me
 
 Each system's graph is built exactly as ``SevenNetCalculator`` builds it
 (``sevenn.train.dataload.unlabeled_atoms_to_graph``), and the graphs are merged with torch_geometric's
-``Batch``; the model runs in its batched mode, which gives one energy, stress and strain per graph.
+``Batch``; the model runs in its batched mode, which gives one energy, stress and strain per graph. A
+system with a neighbour key (an MD session) gets the same edges, in another order, from a skin list
+kept under it (mlipserve.neighbours).
 
 Multi-fidelity (multi-modal) checkpoints such as SevenNet-MF-0 need sevenn >= 0.11, which needs
 e3nn >= 0.5 and so cannot share the main environment with mace-torch 0.3.16 (e3nn 0.4.4): a
@@ -19,6 +21,7 @@ functions, and nothing here imports grpc or ray.
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from importlib.metadata import version as _distribution_version
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from ase import Atoms
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError, UnsupportedElementError
 from mlipserve.geometry import wrapped_positions
+from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 PROPERTIES = frozenset({Property.ENERGY, Property.FORCES, Property.STRESS, Property.ENERGIES})
@@ -89,6 +93,9 @@ class SevenNetBackend:
     for SevenNet-MF-0), or the only modality; failing both, every request must name one. Under sevenn
     0.10.4, which has no multi-fidelity models, a multi-fidelity name and any ``modal`` are rejected;
     under sevenn >= 0.11 so is a ``modal`` for a single-fidelity checkpoint.
+
+    ``neighbour_skin`` (Å) and ``neighbour_sessions`` size the skin neighbour lists kept for systems
+    with a neighbour key (mlipserve.neighbours).
     """
 
     def __init__(
@@ -99,6 +106,8 @@ class SevenNetBackend:
         modal: str | None = None,
         training_data: str | None = None,
         license: str | None = None,
+        neighbour_skin: float = DEFAULT_SKIN,
+        neighbour_sessions: int = DEFAULT_SESSIONS,
     ) -> None:
         sevenn_version = _sevenn_version()
         multi_fidelity = _has_multi_fidelity(sevenn_version)
@@ -145,6 +154,7 @@ class SevenNetBackend:
             parameter.requires_grad_(False)  # forces and stress need d/dpositions and d/dstrain only
         self.model.set_is_batch_data(True)
         self.cutoff = float(config["cutoff"])
+        self._neighbours = VerletCache(self.cutoff, neighbour_skin, neighbour_sessions)
         self._elements = np.array(sorted(int(z) for z in config["_type_map"]), dtype=np.int64)
         self._info = ModelInfo(
             id=model_id,
@@ -190,6 +200,9 @@ class SevenNetBackend:
     def info(self) -> ModelInfo:
         return self._info
 
+    def neighbour_stats(self) -> NeighbourStats:
+        return self._neighbours.stats()
+
     def _modal(self, batch: Batch) -> str | None:
         """The batch's modality (a multi-fidelity model), or None (a single-fidelity one)."""
         if not self._modalities:
@@ -209,7 +222,7 @@ class SevenNetBackend:
         from torch_geometric.data import Batch as GraphBatch
 
         modal = self._modal(batch)
-        graphs = [self._graph(i, s) for i, s in enumerate(batch.systems)]
+        graphs = [self._graph(i, s, batch.neighbour_key(i)) for i, s in enumerate(batch.systems)]
         if modal is not None:
             # Every graph of the batch at the batch's modality; batched, the model maps this list of
             # names to modal indices (AtomGraphSequential._eval_modal_map).
@@ -241,7 +254,7 @@ class SevenNetBackend:
             results.append(result)
         return results
 
-    def _graph(self, index: int, system: System):
+    def _graph(self, index: int, system: System, key: Hashable | None):
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
 
@@ -260,4 +273,29 @@ class SevenNetBackend:
             cell=system.cell if system.cell is not None else np.zeros((3, 3)),
             pbc=system.pbc,
         )
-        return AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, self.cutoff))
+        if key is None:
+            return AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, self.cutoff))
+        edges = self._neighbours.edges(key, atoms.positions, system.cell, system.pbc, system.numbers)
+        return AtomGraphData.from_numpy_dict(_graph_with_edges(atoms, edges))
+
+
+def _graph_with_edges(atoms: Atoms, edges: Edges) -> dict:
+    """What ``unlabeled_atoms_to_graph`` returns, with ``edges`` for its neighbour search. Its cell has
+    a huge box along non-periodic axes, this one the true cell: the model uses the cell only to
+    shift edges, and along those axes every shift is 0."""
+    import sevenn._keys as KEY
+
+    numbers = atoms.get_atomic_numbers()
+    volume = atoms.cell.volume
+    return {
+        KEY.NODE_FEATURE: numbers,
+        KEY.ATOMIC_NUMBERS: numbers,
+        KEY.POS: atoms.get_positions(),
+        KEY.EDGE_IDX: np.stack((edges.i, edges.j)),
+        KEY.EDGE_VEC: edges.vectors,
+        KEY.CELL: np.array(atoms.get_cell()),
+        KEY.CELL_SHIFT: edges.shifts,
+        KEY.CELL_VOLUME: np.array(volume if volume else np.finfo(float).eps),  # sevenn's guard for no cell
+        KEY.NUM_ATOMS: np.array(len(numbers)),
+        KEY.INFO: {},
+    }
