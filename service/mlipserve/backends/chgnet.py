@@ -96,7 +96,7 @@ class CHGNetBackend:
         lattice = Lattice(cell, pbc=tuple(bool(p) for p in system.pbc))
         positions = wrapped_positions(system)
         if key is None:
-            return Structure(lattice, system.numbers.tolist(), positions, coords_are_cartesian=True)
+            return _SortedStructure(lattice, system.numbers.tolist(), positions, coords_are_cartesian=True)
         # The box of a system without a cell follows its extent, so it changes every step: the list
         # is kept for the system without it (no axis is periodic, so the box changes no pair).
         edges = self._neighbours.edges(key, positions, system.cell, system.pbc, system.numbers)
@@ -135,6 +135,21 @@ class CHGNetBackend:
         return result
 
 
+def _sorted(center, neighbor, images, distances):
+    """A neighbour list in one canonical order (centre, neighbour, image). CHGNet is float32: summing
+    the same bonds in another order moves forces by ~1e-5 eV/Å, so a session's kept list and a fresh
+    search must hand the converter their pairs in the same order to give the same numbers."""
+    order = np.lexsort((images[:, 2], images[:, 1], images[:, 0], neighbor, center))
+    return center[order], neighbor[order], images[order], distances[order]
+
+
+class _SortedStructure(Structure):
+    """A Structure whose neighbour list comes in the canonical order."""
+
+    def get_neighbor_list(self, r, sites=None, numerical_tol=1e-8, exclude_self=True):
+        return _sorted(*super().get_neighbor_list(r, sites, numerical_tol, exclude_self))
+
+
 class _ListedStructure(Structure):
     """A Structure whose neighbour list, the one query CHGNet's converter makes, is given."""
 
@@ -147,4 +162,4 @@ class _ListedStructure(Structure):
         if r != self._cutoff or (sites is not None and len(sites) != len(self)):
             raise ValueError(f"this structure holds the neighbours of all its sites within {self._cutoff} Å")
         edges = self._edges
-        return edges.i, edges.j, edges.shifts.astype(np.float64), np.linalg.norm(edges.vectors, axis=1)
+        return _sorted(edges.i, edges.j, edges.shifts.astype(np.float64), np.linalg.norm(edges.vectors, axis=1))
