@@ -5,10 +5,11 @@ a step with a changed cell); the graphs handed to the model hold exactly the fre
 the fresh bond pairs and angles); a merged batch of keyed and unkeyed systems equals each alone.
 
 Model outputs cannot show an edge missing near the cutoff (the radial envelope makes its contribution
-vanish there), so the graphs are compared too. MACE runs in float64 (1e-10). SevenNet-0 is a float32
-model, where summing the same edges in another order changes results by float32 rounding: up to
-~2e-5 eV/Å in forces here. CHGNet hands its converter the pairs in one canonical order on both paths,
-so that a session's steps equal unary calls exactly: its results are compared for equality."""
+vanish there), so the graphs are compared too. MACE runs in float64 (1e-10). SevenNet-0 and CHGNet
+are float32 models, where summing the same edges in another order would change results by ~2e-5
+eV/Å; every backend hands its model the pairs in one canonical order on both paths, so CHGNet's
+results are equal, and SevenNet's within 1e-6 (it takes edge vectors computed by sevenn on one path
+and by the kept list on the other, which differ in the last bits)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ STEPS = 40
 CELL_STEP = 25  # the cell grows by 1 % before this step's compute
 DT = 5 * units.fs
 # Largest |keyed - fresh| allowed, relative to max(1, largest |fresh value|) of each property.
-RELATIVE = {"mace-gst": 1e-10, "sevennet-0": 5e-5, "chgnet": 0.0}
+RELATIVE = {"mace-gst": 1e-10, "sevennet-0": 1e-6, "chgnet": 0.0}
 
 
 @cache

@@ -71,6 +71,14 @@ class NeighbourStats:
     evicted: int
 
 
+def canonical_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """The permutation that sorts directed pairs by (i, j, shift). Backends hand their model pairs in
+    this order whether they come from a fresh search or a kept list: float32 models sum messages in
+    edge order, and the same edges in another order move their forces by ~1e-5 eV/Å, so a session's
+    steps would otherwise differ from unary calls."""
+    return np.lexsort((shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i))
+
+
 def lattice_vectors(shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
     """``shifts @ cell`` for (n, 3) integer shifts, without BLAS: for so thin a product its threads
     only contend with vesin's or torch's (5-10x slower than this loop here, right after a build)."""

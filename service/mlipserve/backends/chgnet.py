@@ -19,7 +19,7 @@ from pymatgen.core import Lattice, Structure
 from mlipserve.backends.base import Batch
 from mlipserve.cost import angle_work
 from mlipserve.geometry import wrapped_positions
-from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache
+from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache, canonical_order
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 VERSIONS = ("0.3.0", "0.2.0", "r2scan")
@@ -136,10 +136,8 @@ class CHGNetBackend:
 
 
 def _sorted(center, neighbor, images, distances):
-    """A neighbour list in one canonical order (centre, neighbour, image). CHGNet is float32: summing
-    the same bonds in another order moves forces by ~1e-5 eV/Å, so a session's kept list and a fresh
-    search must hand the converter their pairs in the same order to give the same numbers."""
-    order = np.lexsort((images[:, 2], images[:, 1], images[:, 0], neighbor, center))
+    """A neighbour list in the canonical order (mlipserve.neighbours.canonical_order)."""
+    order = canonical_order(center, neighbor, images)
     return center[order], neighbor[order], images[order], distances[order]
 
 

@@ -23,7 +23,14 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mlipserve.backends.base import Batch
 from mlipserve.errors import UnsupportedElementError
 from mlipserve.geometry import wrapped_positions
-from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, NeighbourStats, VerletCache, lattice_vectors
+from mlipserve.neighbours import (
+    DEFAULT_SESSIONS,
+    DEFAULT_SKIN,
+    NeighbourStats,
+    VerletCache,
+    canonical_order,
+    lattice_vectors,
+)
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -224,6 +231,8 @@ class MACEBackend:
             edges = self._neighbours.edges(key, positions, system.cell, system.pbc, system.numbers)
             edge_index, unit_shifts = np.stack((edges.i, edges.j)), edges.shifts
             shifts = lattice_vectors(unit_shifts, cell)
+        order = canonical_order(edge_index[0], edge_index[1], unit_shifts)
+        edge_index, shifts, unit_shifts = edge_index[:, order], shifts[order], unit_shifts[order]
         return {
             "species": species,
             "positions": positions,

@@ -32,7 +32,7 @@ from ase import Atoms
 from mlipserve.backends.base import Batch
 from mlipserve.errors import InvalidSystemError, UnsupportedElementError
 from mlipserve.geometry import wrapped_positions
-from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache
+from mlipserve.neighbours import DEFAULT_SESSIONS, DEFAULT_SKIN, Edges, NeighbourStats, VerletCache, canonical_order
 from mlipserve_client.types import ModelInfo, Property, Result, System
 
 PROPERTIES = frozenset({Property.ENERGY, Property.FORCES, Property.STRESS, Property.ENERGIES})
@@ -274,9 +274,21 @@ class SevenNetBackend:
             pbc=system.pbc,
         )
         if key is None:
-            return AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, self.cutoff))
-        edges = self._neighbours.edges(key, atoms.positions, system.cell, system.pbc, system.numbers)
-        return AtomGraphData.from_numpy_dict(_graph_with_edges(atoms, edges))
+            graph = unlabeled_atoms_to_graph(atoms, self.cutoff)
+        else:
+            edges = self._neighbours.edges(key, atoms.positions, system.cell, system.pbc, system.numbers)
+            graph = _graph_with_edges(atoms, edges)
+        return AtomGraphData.from_numpy_dict(_in_canonical_order(graph))
+
+
+def _in_canonical_order(graph: dict) -> dict:
+    """``graph`` with its edges in the canonical order (mlipserve.neighbours.canonical_order)."""
+    import sevenn._keys as KEY
+
+    edge_index, shifts = graph[KEY.EDGE_IDX], graph[KEY.CELL_SHIFT]
+    order = canonical_order(edge_index[0], edge_index[1], np.asarray(shifts))
+    return {**graph, KEY.EDGE_IDX: edge_index[:, order], KEY.EDGE_VEC: graph[KEY.EDGE_VEC][order],
+            KEY.CELL_SHIFT: shifts[order]}
 
 
 def _graph_with_edges(atoms: Atoms, edges: Edges) -> dict:
