@@ -15,6 +15,7 @@ from pathlib import Path
 from mlipserve.config import BatchingConfig, DeploymentConfig, ModelConfig, ServerConfig
 from mlipserve.hosting import ModelHost
 from mlipserve.server.frontdoor import FrontDoor
+from mlipserve.server.observer import NO_OBSERVER, RequestObserver
 
 # MACE's TorchScript noise at load time (see test_backend_mace.py); for modules that use tiny_host.
 MACE_LOAD_WARNING = "ignore:The TorchScript type system doesn't support instance-level annotations"
@@ -56,12 +57,25 @@ def tiny_host(loop: LoopThread, **batching) -> ModelHost:
 
 
 @contextlib.contextmanager
-def running_front_door(loop: LoopThread, host: ModelHost, config: ServerConfig | None = None) -> Iterator[FrontDoor]:
+def loop_with_tiny_host(**batching) -> Iterator[tuple[LoopThread, ModelHost]]:
+    """A LoopThread and tiny_host on it, both closed afterwards (for a module-scoped fixture)."""
+    loop = LoopThread()
+    host = tiny_host(loop, **batching)
+    try:
+        yield loop, host
+    finally:
+        loop.run(host.aclose())
+        loop.close()
+
+
+@contextlib.contextmanager
+def running_front_door(loop: LoopThread, host: ModelHost, config: ServerConfig | None = None,
+                       observer: RequestObserver = NO_OBSERVER) -> Iterator[FrontDoor]:
     """A FrontDoor over ``host`` on a free port (``config.port`` is ignored), stopped afterwards."""
     import dataclasses
 
     config = dataclasses.replace(config or ServerConfig(), port=0)
-    door = FrontDoor(host, config)
+    door = FrontDoor(host, config, observer=observer)
     loop.run(door.start())
     loop.run(door.refresh_health())
     try:

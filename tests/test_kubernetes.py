@@ -19,7 +19,8 @@
 - The Dockerfiles pin their bases and torch 2.13.0, install the client and the server (the fairchem
   image without mace-torch, sevenn and e3nn 0.4.4), and run as a non-root user.
 - The Grafana dashboard queries only metrics that Ray Serve (read from the installed ray) and
-  mlipserve (service/mlipserve/metrics.py) export, under the names Ray gives them.
+  mlipserve (service/mlipserve/metrics.py) export, under the names Ray gives them; the monitoring
+  component's PodMonitor scrapes every pod's Ray metrics port.
 
 Nothing here needs a network, a cluster or a Docker daemon; only kubectl (skipped without it).
 """
@@ -558,6 +559,46 @@ def test_tls_overlay_terminates_tls_in_front_of_the_grpc_service(builds):
 
 
 # --------------------------------------------------------------------------------------------
+# Metrics: the monitoring component's PodMonitor scrapes every pod's Ray metrics endpoint
+
+
+MONITORING = KUSTOMIZE / "components" / "monitoring"
+# What KubeRay passes as --metrics-export-port where rayStartParams sets none.
+KUBERAY_METRICS_PORT = "8080"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_monitoring_component_scrapes_every_pods_ray_metrics_port(builds, overlay, tmp_path):
+    """The overlay plus components/monitoring: the same objects and a PodMonitor that selects the
+    head and every worker on the container port named after its metrics-export-port."""
+    relative = Path(os.path.relpath(KUSTOMIZE, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [str(relative / "overlays" / overlay)], "components": [str(relative / "components" / "monitoring")]}))
+    proc = subprocess.run([KUBECTL, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    objects = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    monitor = _one(objects, "PodMonitor")
+    assert [o for o in objects if o is not monitor] == builds[overlay], "the component adds the PodMonitor only"
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["namespace"] == NAMESPACE
+    spec = monitor["spec"]
+    assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+    selector = spec["selector"]["matchLabels"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint.get("path", "/metrics") == "/metrics" and endpoint.get("scheme", "http") == "http"
+
+    head, workers = _groups(_rayservice(objects))
+    for group, labels in [(head, _pod_labels(head["template"], "head", "headgroup"))] + \
+            [(w, _pod_labels(w["template"], "worker", w["groupName"])) for w in workers]:
+        assert _matches(selector, labels), f"the PodMonitor misses pods labelled {labels}"
+        ports = {p["name"]: p["containerPort"] for p in group["template"]["spec"]["containers"][0]["ports"]}
+        exported = int(group["rayStartParams"].get("metrics-export-port", KUBERAY_METRICS_PORT))
+        assert ports.get(endpoint["port"]) == exported, \
+            f"container port {endpoint['port']!r} must be Ray's metrics-export-port {exported}"
+    assert "components/monitoring" in README.read_text()
+
+
+# --------------------------------------------------------------------------------------------
 # Dockerfiles
 
 
@@ -676,13 +717,14 @@ def exported_metrics() -> dict[str, tuple[str, re.Pattern, frozenset[str] | None
     """name -> (type, pattern of the name as recorded, its labels or None when not known).
 
     Ray Serve's are read from the installed ray (every Counter/Gauge/Histogram it creates under
-    ray/serve); mlipserve's from its BatchMetrics, plus the tags Serve adds to metrics recorded
-    in replicas (deployment, replica, application).
+    ray/serve); mlipserve's from its BatchMetrics and RequestMetrics, plus the tags Serve adds to
+    metrics recorded in replicas (deployment, replica, application).
     """
     import ray.serve
     import ray.serve.metrics as serve_metrics
+    from ray.util.metrics import Metric
 
-    from mlipserve.metrics import BatchMetrics
+    from mlipserve.metrics import BatchMetrics, RequestMetrics
 
     out: dict[str, tuple[str, re.Pattern, frozenset[str] | None]] = {}
     for path in Path(ray.serve.__file__).parent.rglob("*.py"):
@@ -704,7 +746,10 @@ def exported_metrics() -> dict[str, tuple[str, re.Pattern, frozenset[str] | None
     assert len(out) > 40 and "serve_deployment_queued_queries" in out, "Ray Serve's metrics were not found"
 
     serve_tags = {serve_metrics.DEPLOYMENT_TAG, serve_metrics.REPLICA_TAG, serve_metrics.APPLICATION_TAG}
-    for metric in vars(BatchMetrics()).values():
+    public = [(k, m) for k, m in (*vars(BatchMetrics()).items(), *vars(RequestMetrics()).items()) if k[0] != "_"]
+    assert all(isinstance(m, Metric) for _, m in public), "the public attributes of the metrics classes are metrics"
+    ours = [m for _, m in public]
+    for metric in ours:
         kind = next(c.__name__ for c in type(metric).__mro__ if c.__name__ in ("Counter", "Gauge", "Histogram"))
         info = metric.info
         out[info["name"]] = (kind, re.compile(re.escape(info["name"])), frozenset(info["tag_keys"]) | serve_tags)
@@ -783,8 +828,13 @@ def test_dashboard_queries_only_exported_metrics(exported_metrics):
         if unknown:
             problems.append(f"{query}: labels {sorted(unknown)} are not tags of these metrics")
     assert not problems, "\n".join(problems)
-    # The dashboard covers both sides: Serve's gRPC proxy and mlipserve's batching.
-    assert {"serve_num_grpc_requests", "serve_num_grpc_error_requests", "serve_grpc_request_latency_ms"} <= used
+    # The dashboard covers the front doors' requests and the batching; nothing of Serve's gRPC proxy,
+    # which carries no traffic.
+    assert {"mlipserve_requests", "mlipserve_request_seconds", "mlipserve_queue_wait_seconds",
+            "mlipserve_model_seconds", "mlipserve_corrections_seconds", "mlipserve_serialization_seconds",
+            "mlipserve_requests_in_flight", "mlipserve_sessions_open", "mlipserve_session_steps",
+            "mlipserve_request_bytes", "mlipserve_response_bytes", "mlipserve_auth_failures"} <= used
+    assert not {name for name in used if "grpc" in name}
     assert {"mlipserve_batches", "mlipserve_batch_atoms", "mlipserve_batch_requests", "mlipserve_batch_seconds",
             "mlipserve_batch_budget", "mlipserve_device_capacity", "mlipserve_queued_work"} <= used
 
@@ -794,6 +844,10 @@ def test_metric_name_resolution_rejects_wrong_names_and_suffixes(exported_metric
     assert _resolve("ray_mlipserve_batches_total", exported_metrics)
     assert _resolve("ray_mlipserve_batch_seconds_bucket", exported_metrics)
     assert _resolve("ray_mlipserve_queued_work", exported_metrics)
+    assert _resolve("ray_mlipserve_requests_total", exported_metrics)
+    assert _resolve("ray_mlipserve_request_seconds_bucket", exported_metrics)
+    assert _resolve("ray_mlipserve_sessions_open", exported_metrics)
+    assert _resolve("ray_mlipserve_requests", exported_metrics) is None  # a counter without _total
     assert _resolve("ray_serve_health_check_failures_total", exported_metrics)
     assert _resolve("ray_mlipserve_batches", exported_metrics) is None  # a counter without _total
     assert _resolve("ray_mlipserve_queued_work_total", exported_metrics) is None  # a gauge with _total

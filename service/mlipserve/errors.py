@@ -128,6 +128,13 @@ class LimitExceededError(RuntimeError):
 class UnauthenticatedError(RuntimeError):
     """No bearer token, or one the server does not know. The message never contains the token."""
 
+    def __init__(self, message: str, reason: str = "invalid_token") -> None:
+        self.reason = reason  # missing_token | invalid_token (a metrics label: never the token)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self), self.reason)
+
 
 class PermissionDeniedError(RuntimeError):
     """A valid token that is not allowed the model it asked for."""

@@ -18,16 +18,21 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from mlipserve.backends.base import Backend, Batch, cost_function, warmup_system
 from mlipserve.batching import BatchObserver, BatchPolicy, BatchQueue, BatchRecord
 from mlipserve.capacity import GuardedEvaluator, ProbeResult, probe
 from mlipserve.config import DeploymentConfig, ModelConfig
 from mlipserve.errors import ModelNotFoundError, ModelUnavailableError
-from mlipserve.physics.corrected import CorrectedEvaluator
+from mlipserve.physics.corrected import CorrectedEvaluator, EvaluationObserver
 from mlipserve_client.types import ComputeRequest, ModelInfo, ModelStatus, Result
 
 logger = logging.getLogger("mlipserve.model")
+
+
+class ModelObserver(BatchObserver, EvaluationObserver, Protocol):
+    """Hears what one model's queue does and how long its evaluations take (metrics)."""
 
 
 class LoadedModel:
@@ -78,7 +83,7 @@ class LRUModels:
 class ModelHost:
     def __init__(self, family: str, models: tuple[ModelConfig, ...], deployment: DeploymentConfig,
                  residency: ResidencyCache = LRUModels,
-                 observer: Callable[[str, str], BatchObserver] | None = None) -> None:
+                 observer: Callable[[str, str], ModelObserver] | None = None) -> None:
         """``observer(model_id, device)`` gives each model's BatchQueue its observer (metrics)."""
         self.family = family
         self.deployment = deployment
@@ -149,9 +154,9 @@ class ModelHost:
         policy = BatchPolicy(budget=budget, max_wait_s=batching.max_wait_ms / 1000,
                              max_queued_work=batching.max_queued_work, large_system_atoms=batching.large_system_atoms)
         limit = batching.memory_limit_mb * 1e6 if batching.memory_limit_mb is not None else None
-        evaluate = CorrectedEvaluator(GuardedEvaluator(backend, cost, device, measured.bytes_per_work, limit),
-                                      info, device)
         observer = self._observer(config.id, device) if self._observer else None
+        evaluate = CorrectedEvaluator(GuardedEvaluator(backend, cost, device, measured.bytes_per_work, limit),
+                                      info, device, observer)
         if observer is not None:
             observer.budget_chosen(budget)
         queue = BatchQueue(config.id, evaluate, cost, policy, self._small_lane, self._large_lane, observer,

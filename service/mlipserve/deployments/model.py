@@ -20,7 +20,7 @@ from mlipserve.capacity import ProbeResult
 from mlipserve.config import ServiceConfig
 from mlipserve.deployments.routing import FamilyRouter
 from mlipserve.hosting import LoadFn, ModelHost
-from mlipserve.metrics import BatchMetrics
+from mlipserve.metrics import BatchMetrics, RequestMetrics
 from mlipserve.server.frontdoor import FrontDoor
 from mlipserve_client.types import ComputeRequest, ModelInfo, Result
 
@@ -61,7 +61,7 @@ class ModelServer:
         router = FamilyRouter(self.host, {m.id: m.family_name for m in config.models}, peers,
                               config.server.peer_retry_s)
         # Listening before the models load: health says NOT_SERVING, Compute UNAVAILABLE (retried).
-        self.front_door = FrontDoor(router, config.server, config.health_timeout_s)
+        self.front_door = FrontDoor(router, config.server, config.health_timeout_s, RequestMetrics())
         await self.front_door.start()
         await self.host.load_all()
         await self.front_door.refresh_health()

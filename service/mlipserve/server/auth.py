@@ -146,7 +146,7 @@ class Authenticator:
         token = _bearer_token(metadata)
         if token is None:
             raise UnauthenticatedError("this server needs a token: send 'authorization: Bearer <token>' "
-                                       "(mlipserve_client: token= or $MLIPSERVE_TOKEN)")
+                                       "(mlipserve_client: token= or $MLIPSERVE_TOKEN)", reason="missing_token")
         digest = hashlib.sha256(token.encode()).digest()
         match = -1
         for k, known in enumerate(self._digests):

@@ -24,6 +24,7 @@ from mlipserve.server.engine import Engine
 from mlipserve.server.health import HealthReporter
 from mlipserve.server.interceptors import AuthInterceptor
 from mlipserve.server.limits import transport_limit_bytes
+from mlipserve.server.observer import NO_OBSERVER, RequestObserver
 from mlipserve.server.servicer import MLIPServicer
 from mlipserve.server.sessions import SessionServicer
 from mlipserve_client.client import SERVICE_NAME
@@ -76,11 +77,14 @@ def _add_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
 
 
 class FrontDoor:
-    def __init__(self, engine: Engine, config: ServerConfig, info_wait_s: float = 2.0) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, info_wait_s: float = 2.0,
+                 observer: RequestObserver = NO_OBSERVER) -> None:
+        """``observer`` hears about every call (metrics: mlipserve.metrics.RequestMetrics)."""
         self.engine = engine
         self.config = config
+        self.observer = observer
         self.health = HealthReporter(engine, wait_s=info_wait_s)
-        self.servicer = MLIPServicer(engine, config.limits, info_wait_s)
+        self.servicer = MLIPServicer(engine, config.limits, info_wait_s, observer)
         self.sessions = SessionServicer(self.servicer, config)
         tokens = accepted_tokens(config)
         self.authenticator = Authenticator(tokens, config.requests_per_second) if tokens else None
@@ -105,7 +109,7 @@ class FrontDoor:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1),
         ]
-        interceptors = [AuthInterceptor(self.authenticator)] if self.authenticator else []
+        interceptors = [AuthInterceptor(self.authenticator, self.observer)] if self.authenticator else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
         methods = {**self.servicer.methods(), "Simulate": self.sessions.handler()}
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, methods)])

@@ -14,7 +14,8 @@ import grpc
 
 from mlipserve.errors import RateLimitedError, UnauthenticatedError
 from mlipserve.server.auth import Authenticator, current_principal
-from mlipserve.status import abort
+from mlipserve.server.observer import NO_OBSERVER, Call, RequestObserver, auth_failure_reason
+from mlipserve.status import abort, status_for
 
 logger = logging.getLogger("mlipserve.server")
 
@@ -37,8 +38,9 @@ def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethod
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, observer: RequestObserver = NO_OBSERVER) -> None:
         self.authenticator = authenticator
+        self.observer = observer
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -49,6 +51,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except (UnauthenticatedError, RateLimitedError) as error:
             # The method and the reason, never the metadata: it holds the token.
             logger.info("refused %s: %s", handler_call_details.method, type(error).__name__)
+            # Counted here, before the request is read: its model is not known.
+            self.observer.auth_failed(auth_failure_reason(error))
+            Call(self.observer, frozenset(), handler_call_details.method.rsplit("/", 1)[-1]).finish(
+                status_for(error).code.name)
             return _refusal(handler, error)
         current_principal.set(principal)
         return handler

@@ -24,6 +24,7 @@ from mlipserve.errors import InvalidSystemError, ModelUnavailableError
 from mlipserve.server.auth import current_principal
 from mlipserve.server.engine import Engine
 from mlipserve.server.limits import check_compute_limits, check_message_size, check_model_id
+from mlipserve.server.observer import NO_MODEL, NO_OBSERVER, Call, Calls, RequestObserver, code_name
 from mlipserve.status import abort
 from mlipserve_client import convert
 from mlipserve_client.types import ComputeRequest, Electrostatics, ModelInfo, ModelStatus, Property
@@ -34,6 +35,7 @@ from mlipserve_client.v1 import compute_pb2, models_pb2
 OFFLOAD_ATOMS = 20_000
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+Method = Callable[[bytes, grpc.aio.ServicerContext, Call], Awaitable[bytes]]
 
 
 def decode(message_type: type[Message], raw: bytes) -> Message:
@@ -62,27 +64,42 @@ async def _off_loop_if(big: bool, function, *args):
     return await asyncio.to_thread(function, *args) if big else function(*args)
 
 
-def _rpc(method: Handler) -> Handler:
-    """Any exception of ``method`` becomes its mapped status (mlipserve.status)."""
+def _rpc(method: Method) -> Handler:
+    """Any exception of ``method`` becomes its mapped status (mlipserve.status); the call is observed
+    as the RPC of the method's name (compute: Compute)."""
+    rpc = "".join(part.title() for part in method.__name__.split("_"))
 
     @functools.wraps(method)
     async def wrapper(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        call = self.calls.start(rpc)
+        call.received(len(raw))
+        code = "OK"
         try:
-            return await method(self, raw, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            response = await method(self, raw, context, call)
+            call.answered(len(response))
+            return response
+        except asyncio.CancelledError:
+            code = "CANCELLED"  # the client went away or its deadline passed
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
+            call.failed(error)
             await abort(context, error)
+        finally:
+            call.finish(code_name(context, code))
 
     return wrapper
 
 
 class MLIPServicer:
-    def __init__(self, engine: Engine, limits: Limits, info_wait_s: float = 2.0) -> None:
+    def __init__(self, engine: Engine, limits: Limits, info_wait_s: float = 2.0,
+                 observer: RequestObserver = NO_OBSERVER) -> None:
         self.engine = engine
         self.limits = limits
         # How long ListModels and GetModel wait for a model on another replica (then: LOADING).
         self.info_wait_s = info_wait_s
+        self.calls = Calls(observer, engine.model_ids)
 
     def methods(self) -> dict[str, grpc.RpcMethodHandler]:
         # No (de)serializers: the handlers see and answer raw bytes.
@@ -102,9 +119,10 @@ class MLIPServicer:
         return info
 
     @_rpc
-    async def compute(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def compute(self, raw: bytes, context: grpc.aio.ServicerContext, call: Call) -> bytes:
         check_message_size(len(raw), self.limits)
         message = decode(compute_pb2.ComputeRequest, raw)
+        call.name_model(message.model)
         check_compute_limits(message, self.limits)
         big = sum(len(s.atomic_numbers) for s in message.systems) > OFFLOAD_ATOMS
         info = await self.available_info(message.model)
@@ -113,7 +131,8 @@ class MLIPServicer:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         async with asyncio.timeout(remaining):
-            results = await self.engine.compute(compute, deadline)
+            with call.in_engine():
+                results = await self.engine.compute(compute, deadline)
         response = compute_pb2.ComputeResponse(
             model=compute.model,
             model_version=info.version,
@@ -123,7 +142,8 @@ class MLIPServicer:
         return await _off_loop_if(big, response.SerializeToString)
 
     @_rpc
-    async def list_models(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def list_models(self, raw: bytes, context: grpc.aio.ServicerContext, call: Call) -> bytes:
+        call.model = NO_MODEL
         decode(models_pb2.ListModelsRequest, raw)
         infos = await asyncio.gather(*(self.engine.info(m, wait_s=self.info_wait_s) for m in self.engine.model_ids))
         principal = current_principal.get()
@@ -132,8 +152,9 @@ class MLIPServicer:
         return models_pb2.ListModelsResponse(models=[convert.model_info_to_proto(i) for i in infos]).SerializeToString()
 
     @_rpc
-    async def get_model(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def get_model(self, raw: bytes, context: grpc.aio.ServicerContext, call: Call) -> bytes:
         request = decode(models_pb2.GetModelRequest, raw)
+        call.name_model(request.model)
         check_model_id(request.model)
         principal = current_principal.get()
         if principal is not None:

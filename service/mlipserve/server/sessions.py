@@ -26,6 +26,7 @@ from mlipserve.config import ServerConfig
 from mlipserve.errors import InvalidSystemError, LimitExceededError, ServerDrainingError, SessionIdleError
 from mlipserve.geometry import check_geometry
 from mlipserve.server.auth import current_principal
+from mlipserve.server.observer import code_name
 from mlipserve.server.servicer import MLIPServicer, decode, prepare
 from mlipserve.status import abort
 from mlipserve_client import convert
@@ -118,40 +119,59 @@ class SessionServicer:
         session = None
         task = asyncio.current_task()
         self._tasks.add(task)
+        calls = self.api.calls
+        call = calls.start("Simulate")
+        code = "OK"
         try:
             if self._draining:
                 raise ServerDrainingError()
             first = await self._next(requests)
             if first is None:
                 return
+            call.received(len(first))
             opening = decode(session_pb2.SessionRequest, first)
             if opening.WhichOneof("kind") != "open":
                 raise InvalidSystemError("open", "a session starts with SessionOpen; a step came first")
+            call.name_model(opening.open.model)
             session = await self._open(opening.open)
-            yield session_pb2.SessionResponse(opened=session_pb2.SessionOpened(
+            calls.observer.session_opened(call.model)
+            opened = session_pb2.SessionResponse(opened=session_pb2.SessionOpened(
                 session_id=session.id, model_version=session.info.version,
                 idle_timeout_s=self.config.session_idle_timeout_s,
                 corrections=[c.name for c in session.request.corrections])).SerializeToString()
+            call.answered(len(opened))
+            yield opened
             while (raw := await self._next(requests)) is not None:
+                call.received(len(raw))
                 message = decode(session_pb2.SessionRequest, raw)
                 if message.WhichOneof("kind") != "step":
                     raise InvalidSystemError("open", "this session is already open: its model, species and pbc "
                                                      "are fixed; open another stream for another system")
                 request = session.at(message.step)
-                (result,) = await self.api.engine.compute(request, None)
+                with call.in_engine():
+                    (result,) = await self.api.engine.compute(request, None)
                 session.steps += 1
-                yield session_pb2.SessionResponse(result=session_pb2.StepResult(
+                answer = session_pb2.SessionResponse(result=session_pb2.StepResult(
                     step=message.step.step, result=convert.result_to_proto(result))).SerializeToString()
+                call.answered(len(answer), step=True)
+                yield answer
         except asyncio.CancelledError:
             if not self._draining:
+                code = "CANCELLED"
                 raise  # the client went away
             await abort(context, ServerDrainingError())
+        except GeneratorExit:
+            code = "CANCELLED"  # closed while waiting to send: the client went away
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
+            call.failed(error)
             await abort(context, error)
         finally:
             self._tasks.discard(task)
             if session is not None:
                 self._close(session)
+                calls.observer.session_closed(call.model)
+            call.finish(code_name(context, code))
 
