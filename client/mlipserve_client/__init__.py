@@ -1,8 +1,9 @@
 """mlipserve_client: the thin client of mlipserve (grpcio, protobuf, numpy and ase only).
 
 ``RemoteCalculator`` is an ASE calculator backed by a server; ``MLIPClient`` sends many systems in
-one call. Names are imported lazily so that ``mlipserve_client.types`` and ``.convert`` can be used
-without loading grpc (the server's model code relies on that).
+one call, and runs property workflows (relax, eos, elastic, phonons, diatomics) over many
+structures. Names are imported lazily so that ``mlipserve_client.types`` and ``.convert`` can be
+used without loading grpc (the server's model code relies on that).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _LAZY = {
     "Property": "mlipserve_client.types",
     "Result": "mlipserve_client.types",
     "System": "mlipserve_client.types",
+    **{name: "mlipserve_client.workflow_types" for name in (
+        "DiatomicOptions", "EOSOptions", "ElasticOptions", "PhononOptions", "RelaxOptions", "StructureError")},
 }
 __all__ = sorted(_LAZY)
 
@@ -32,6 +35,14 @@ if TYPE_CHECKING:
     from mlipserve_client.client import MLIPClient
     from mlipserve_client.errors import InvalidSystemError, ServiceError, ServiceInputError
     from mlipserve_client.types import Dispersion, Electrostatics, ModelInfo, Property, Result, System
+    from mlipserve_client.workflow_types import (
+        DiatomicOptions,
+        ElasticOptions,
+        EOSOptions,
+        PhononOptions,
+        RelaxOptions,
+        StructureError,
+    )
 
 
 def __getattr__(name: str):

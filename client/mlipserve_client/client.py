@@ -16,6 +16,7 @@ from mlipserve_client import convert
 from mlipserve_client.errors import ServiceError, ServiceInputError
 from mlipserve_client.types import DEFAULT_PROPERTIES, ComputeRequest, Correction, ModelInfo, Property, Result, System
 from mlipserve_client.v1 import models_pb2, service_pb2_grpc
+from mlipserve_client.workflows import WorkflowMethods
 
 logger = logging.getLogger("mlipserve_client")
 
@@ -58,7 +59,7 @@ def _read(value: str | Path | bytes | None) -> bytes | None:
     return Path(value).read_bytes()
 
 
-class MLIPClient:
+class MLIPClient(WorkflowMethods):
     """A connection to an mlipserve server at ``address`` ("host:port").
 
     ``model`` is the default model id for ``compute``; ``timeout`` (s) is the deadline of each call,
@@ -67,6 +68,9 @@ class MLIPClient:
     root certificate (a PEM path or bytes) that signed the server's; ``tls_client_cert`` and
     ``tls_client_key`` for servers that require client certificates (mutual TLS); ``tls_server_name``
     when the certificate names another host than ``address``. Thread-safe: share one client.
+
+    ``relax``, ``eos``, ``elastic``, ``phonons`` and ``diatomics`` run property workflows over many
+    structures (mlipserve_client.workflows).
     """
 
     def __init__(

@@ -1,22 +1,32 @@
 """Options, results and progress events of the property workflows (relax, EOS, elastic, phonons,
 diatomics), as plain dataclasses.
 
-numpy, ase and the stdlib only: the server's workflow engine produces these, and the thin client will
-return them. ``to_dict()`` gives JSON-ready dicts (arrays as nested lists, non-finite numbers as
-None). Units: Å, eV, eV/Å, eV/Å³ for stress, GPa for moduli, THz for phonon frequencies.
+numpy, ase and the stdlib only: the server's workflow engine produces these, and the thin client
+returns them. ``to_dict()`` gives JSON-ready dicts (arrays as nested lists, non-finite numbers as
+None) and ``from_dict()`` reads them back (options given as JSON, say). Units: Å, eV, eV/Å, eV/Å³
+for stress, GPa for moduli, THz for phonon frequencies. Also here, because client and server must
+agree on them: the dimers a Diatomics request scans, and how the events of a run over some of the
+structures (a resumed call) read as events of all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import atomic_numbers, covalent_radii
 
 from mlipserve_client.errors import InvalidSystemError
+from mlipserve_client.types import System
 
 OPTIMIZERS = ("FIRE", "BFGS")
 
@@ -35,9 +45,42 @@ def _plain(value):
     return value
 
 
+def from_plain(hint, value):
+    """``value`` from JSON as the type ``hint`` names (to_dict's None back to NaN where a float is due)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]  # every union here is "X | None"
+        return from_plain(hint, value)
+    if isinstance(hint, type) and issubclass(hint, _Record):
+        return hint.from_dict(value)
+    if hint is np.ndarray:
+        array = np.asarray(value)
+        return array.astype(np.float64) if array.dtype == object else array
+    if origin is list or (origin is tuple and args[-1] is Ellipsis):
+        items = [from_plain(args[0], v) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is tuple:
+        return tuple(from_plain(a, v) for a, v in zip(args, value, strict=True))
+    if hint is float:
+        return math.nan if value is None else float(value)
+    return hint(value)
+
+
 class _Record:
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata.get("json", True)}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        """The inverse of ``to_dict``; keys left out take their defaults."""
+        fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise InvalidSystemError(unknown[0], f"not a field of {cls.__name__}; its fields: {', '.join(sorted(fields))}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: from_plain(hints[name], value) for name, value in data.items()})
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -280,6 +323,7 @@ class StructureError(_Record):
     message: str
     error_type: str  # the exception's class name
     error: BaseException | None = dataclasses.field(default=None, repr=False, metadata={"json": False})
+    code: str = ""  # the gRPC status code name it maps to, e.g. INVALID_ARGUMENT (set by the server)
 
 
 @dataclass(frozen=True)
@@ -294,3 +338,46 @@ class WorkflowSummary(_Record):
 
 
 WorkflowEvent = WorkflowProgress | StructureResult | StructureError | WorkflowSummary
+
+
+def dimer(numbers: Sequence[int], r: float, charge: float = 0.0, spin: int = 0) -> System:
+    """Two atoms ``r`` Å apart along x, in vacuum."""
+    return System(numbers=np.asarray(numbers, dtype=np.int64), positions=np.array([[0.0, 0.0, 0.0], [r, 0.0, 0.0]]),
+                  cell=None, pbc=np.zeros(3, dtype=bool), total_charge=charge, spin_multiplicity=spin)
+
+
+def diatomic_systems(elements: Iterable[int | str], heteronuclear: bool = False) -> list[System]:
+    """The structures a Diatomics request runs on, in its order: each element with itself by atomic
+    number (with ``heteronuclear`` every pair Z1 <= Z2), at the sum of covalent radii; the workflow
+    scans the distance."""
+    numbers = set()
+    for i, element in enumerate(elements):
+        number = int(element) if isinstance(element, int | np.integer) else atomic_numbers.get(element)
+        if number is None or not 1 <= number <= 118:
+            raise InvalidSystemError(f"elements[{i}]", f"{element!r} is not an element symbol (e.g. H, Ge, Te)")
+        numbers.add(number)
+    ordered = sorted(numbers)
+    pairs = itertools.combinations_with_replacement(ordered, 2) if heteronuclear else ((z, z) for z in ordered)
+    return [dimer(pair, float(covalent_radii[pair[0]] + covalent_radii[pair[1]])) for pair in pairs]
+
+
+def _reroot(field: str, indices: Sequence[int]) -> str:
+    return re.sub(r"^structures\[(\d+)\]", lambda m: f"structures[{indices[int(m.group(1))]}]", field)
+
+
+def reindexed(event: WorkflowEvent, indices: Sequence[int], done: int = 0, failed: int = 0,
+              total: int | None = None) -> WorkflowEvent:
+    """An event of a run over some of the structures (its k-th is ``indices[k]`` of all ``total``),
+    as an event of the whole: indices and fields mapped, and ``done`` structures finished outside
+    the run (``failed`` of them failed) counted in."""
+    total = len(indices) + done if total is None else total
+    if isinstance(event, WorkflowProgress):
+        return dataclasses.replace(event, done=event.done + done, failed=event.failed + failed, total=total,
+                                   structures=tuple(dataclasses.replace(s, index=indices[s.index])
+                                                    for s in event.structures))
+    if isinstance(event, StructureError):
+        return dataclasses.replace(event, index=indices[event.index], field=_reroot(event.field, indices))
+    if isinstance(event, StructureResult):
+        return dataclasses.replace(event, index=indices[event.index])
+    return dataclasses.replace(event, total=total, succeeded=event.succeeded + done - failed,
+                               failed=event.failed + failed)

@@ -26,15 +26,16 @@ _sym_db = _symbol_database.Default()
 from mlipserve_client.v1 import compute_pb2 as mlipserve_dot_v1_dot_compute__pb2
 from mlipserve_client.v1 import models_pb2 as mlipserve_dot_v1_dot_models__pb2
 from mlipserve_client.v1 import session_pb2 as mlipserve_dot_v1_dot_session__pb2
+from mlipserve_client.v1 import workflows_pb2 as mlipserve_dot_v1_dot_workflows__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/service.proto\x12\x0cmlipserve.v1\x1a\x1amlipserve/v1/compute.proto\x1a\x19mlipserve/v1/models.proto\x1a\x1amlipserve/v1/session.proto2\xbe\x02\n\x0bMLIPService\x12\x46\n\x07\x43ompute\x12\x1c.mlipserve.v1.ComputeRequest\x1a\x1d.mlipserve.v1.ComputeResponse\x12K\n\x08Simulate\x12\x1c.mlipserve.v1.SessionRequest\x1a\x1d.mlipserve.v1.SessionResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.mlipserve.v1.ListModelsRequest\x1a .mlipserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.mlipserve.v1.GetModelRequest\x1a\x1e.mlipserve.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amlipserve/v1/service.proto\x12\x0cmlipserve.v1\x1a\x1amlipserve/v1/compute.proto\x1a\x19mlipserve/v1/models.proto\x1a\x1amlipserve/v1/session.proto\x1a\x1cmlipserve/v1/workflows.proto2\xb6\x05\n\x0bMLIPService\x12\x46\n\x07\x43ompute\x12\x1c.mlipserve.v1.ComputeRequest\x1a\x1d.mlipserve.v1.ComputeResponse\x12K\n\x08Simulate\x12\x1c.mlipserve.v1.SessionRequest\x1a\x1d.mlipserve.v1.SessionResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.mlipserve.v1.ListModelsRequest\x1a .mlipserve.v1.ListModelsResponse\x12I\n\x08GetModel\x12\x1d.mlipserve.v1.GetModelRequest\x1a\x1e.mlipserve.v1.GetModelResponse\x12\x42\n\x05Relax\x12\x1a.mlipserve.v1.RelaxRequest\x1a\x1b.mlipserve.v1.WorkflowEvent0\x01\x12V\n\x0f\x45quationOfState\x12$.mlipserve.v1.EquationOfStateRequest\x1a\x1b.mlipserve.v1.WorkflowEvent0\x01\x12\x46\n\x07\x45lastic\x12\x1c.mlipserve.v1.ElasticRequest\x1a\x1b.mlipserve.v1.WorkflowEvent0\x01\x12\x46\n\x07Phonons\x12\x1c.mlipserve.v1.PhononsRequest\x1a\x1b.mlipserve.v1.WorkflowEvent0\x01\x12J\n\tDiatomics\x12\x1e.mlipserve.v1.DiatomicsRequest\x1a\x1b.mlipserve.v1.WorkflowEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlipserve_client.v1.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MLIPSERVICE']._serialized_start=128
-  _globals['_MLIPSERVICE']._serialized_end=446
+  _globals['_MLIPSERVICE']._serialized_start=158
+  _globals['_MLIPSERVICE']._serialized_end=852
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@
 from mlipserve_client.v1 import compute_pb2 as _compute_pb2
 from mlipserve_client.v1 import models_pb2 as _models_pb2
 from mlipserve_client.v1 import session_pb2 as _session_pb2
+from mlipserve_client.v1 import workflows_pb2 as _workflows_pb2
 from google.protobuf import descriptor as _descriptor
 from typing import ClassVar as _ClassVar
 

@@ -7,6 +7,7 @@ import warnings
 from mlipserve_client.v1 import compute_pb2 as mlipserve_dot_v1_dot_compute__pb2
 from mlipserve_client.v1 import models_pb2 as mlipserve_dot_v1_dot_models__pb2
 from mlipserve_client.v1 import session_pb2 as mlipserve_dot_v1_dot_session__pb2
+from mlipserve_client.v1 import workflows_pb2 as mlipserve_dot_v1_dot_workflows__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -57,6 +58,31 @@ class MLIPServiceStub:
                 request_serializer=mlipserve_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=mlipserve_dot_v1_dot_models__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.Relax = channel.unary_stream(
+                '/mlipserve.v1.MLIPService/Relax',
+                request_serializer=mlipserve_dot_v1_dot_workflows__pb2.RelaxRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
+        self.EquationOfState = channel.unary_stream(
+                '/mlipserve.v1.MLIPService/EquationOfState',
+                request_serializer=mlipserve_dot_v1_dot_workflows__pb2.EquationOfStateRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
+        self.Elastic = channel.unary_stream(
+                '/mlipserve.v1.MLIPService/Elastic',
+                request_serializer=mlipserve_dot_v1_dot_workflows__pb2.ElasticRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
+        self.Phonons = channel.unary_stream(
+                '/mlipserve.v1.MLIPService/Phonons',
+                request_serializer=mlipserve_dot_v1_dot_workflows__pb2.PhononsRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
+        self.Diatomics = channel.unary_stream(
+                '/mlipserve.v1.MLIPService/Diatomics',
+                request_serializer=mlipserve_dot_v1_dot_workflows__pb2.DiatomicsRequest.SerializeToString,
+                response_deserializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+                _registered_method=True)
 
 
 class MLIPServiceServicer:
@@ -102,6 +128,47 @@ class MLIPServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Relax(self, request, context):
+        """Property workflows (workflows.proto) over many structures, each streaming WorkflowEvents:
+        progress, every structure's result or error as soon as it is done, a summary last. Every
+        evaluation is a request on the model's batch queue, batched with other clients' work. The call
+        fails as a whole with the statuses of Compute for what concerns all structures (model, token,
+        options, the number of structures and atoms, deadline; UNAVAILABLE while draining: resume by
+        resending the structures without a result); a structure that fails gets a StructureError with
+        its status code name and the others go on. Cancelling the call stops the workflow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EquationOfState(self, request, context):
+        """Birch–Murnaghan equations of state; see Relax for the stream and its errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Elastic(self, request, context):
+        """Elastic tensors and moduli; see Relax for the stream and its errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Phonons(self, request, context):
+        """Harmonic phonons (Γ, band path, DOS, thermal properties); see Relax for the stream and its errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Diatomics(self, request, context):
+        """Diatomic energy curves with MLIP Arena's checks; see Relax for the stream and its errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MLIPServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +191,31 @@ def add_MLIPServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=mlipserve_dot_v1_dot_models__pb2.GetModelRequest.FromString,
                     response_serializer=mlipserve_dot_v1_dot_models__pb2.GetModelResponse.SerializeToString,
+            ),
+            'Relax': grpc.unary_stream_rpc_method_handler(
+                    servicer.Relax,
+                    request_deserializer=mlipserve_dot_v1_dot_workflows__pb2.RelaxRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.SerializeToString,
+            ),
+            'EquationOfState': grpc.unary_stream_rpc_method_handler(
+                    servicer.EquationOfState,
+                    request_deserializer=mlipserve_dot_v1_dot_workflows__pb2.EquationOfStateRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.SerializeToString,
+            ),
+            'Elastic': grpc.unary_stream_rpc_method_handler(
+                    servicer.Elastic,
+                    request_deserializer=mlipserve_dot_v1_dot_workflows__pb2.ElasticRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.SerializeToString,
+            ),
+            'Phonons': grpc.unary_stream_rpc_method_handler(
+                    servicer.Phonons,
+                    request_deserializer=mlipserve_dot_v1_dot_workflows__pb2.PhononsRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.SerializeToString,
+            ),
+            'Diatomics': grpc.unary_stream_rpc_method_handler(
+                    servicer.Diatomics,
+                    request_deserializer=mlipserve_dot_v1_dot_workflows__pb2.DiatomicsRequest.FromString,
+                    response_serializer=mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +326,141 @@ class MLIPService:
             '/mlipserve.v1.MLIPService/GetModel',
             mlipserve_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
             mlipserve_dot_v1_dot_models__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relax(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlipserve.v1.MLIPService/Relax',
+            mlipserve_dot_v1_dot_workflows__pb2.RelaxRequest.SerializeToString,
+            mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EquationOfState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlipserve.v1.MLIPService/EquationOfState',
+            mlipserve_dot_v1_dot_workflows__pb2.EquationOfStateRequest.SerializeToString,
+            mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Elastic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlipserve.v1.MLIPService/Elastic',
+            mlipserve_dot_v1_dot_workflows__pb2.ElasticRequest.SerializeToString,
+            mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Phonons(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlipserve.v1.MLIPService/Phonons',
+            mlipserve_dot_v1_dot_workflows__pb2.PhononsRequest.SerializeToString,
+            mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diatomics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlipserve.v1.MLIPService/Diatomics',
+            mlipserve_dot_v1_dot_workflows__pb2.DiatomicsRequest.SerializeToString,
+            mlipserve_dot_v1_dot_workflows__pb2.WorkflowEvent.FromString,
             options,
             channel_credentials,
             insecure,

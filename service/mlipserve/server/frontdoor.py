@@ -27,7 +27,9 @@ from mlipserve.server.limits import transport_limit_bytes
 from mlipserve.server.observer import NO_OBSERVER, RequestObserver
 from mlipserve.server.servicer import MLIPServicer
 from mlipserve.server.sessions import SessionServicer
+from mlipserve.server.workflows import WorkflowServicer
 from mlipserve_client.client import SERVICE_NAME
+from mlipserve_client.v1 import service_pb2
 
 logger = logging.getLogger("mlipserve.server")
 
@@ -86,6 +88,7 @@ class FrontDoor:
         self.health = HealthReporter(engine, wait_s=info_wait_s)
         self.servicer = MLIPServicer(engine, config.limits, info_wait_s, observer)
         self.sessions = SessionServicer(self.servicer, config)
+        self.workflows = WorkflowServicer(self.servicer)
         tokens = accepted_tokens(config)
         self.authenticator = Authenticator(tokens, config.requests_per_second) if tokens else None
         self.server: grpc.aio.Server | None = None
@@ -111,10 +114,12 @@ class FrontDoor:
         ]
         interceptors = [AuthInterceptor(self.authenticator, self.observer)] if self.authenticator else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
-        methods = {**self.servicer.methods(), "Simulate": self.sessions.handler()}
+        methods = {**self.servicer.methods(), "Simulate": self.sessions.handler(), **self.workflows.methods()}
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, methods)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
-        _add_reflection(server, [SERVICE_NAME])
+        # By its descriptor: service_pb2_grpc does not load the service's own file, and reflection
+        # describes only what is loaded (grpcurl would list the service but not its methods).
+        _add_reflection(server, [service_pb2.DESCRIPTOR.services_by_name["MLIPService"].full_name])
         bind = f"{config.host}:{config.port}"
         credentials = server_credentials(config)
         self.port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
@@ -143,6 +148,7 @@ class FrontDoor:
         server, self.server = self.server, None
         await self.health.drain()
         await self.sessions.drain()
+        await self.workflows.drain()
         await server.stop(self.config.drain_grace_s if grace is None else grace)
         if self.health_server is not None:
             await self.health_server.stop(0)

@@ -3,9 +3,11 @@ atoms or 10^4 systems is refused in microseconds, naming the limit and the setti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mlipserve.config import Limits
 from mlipserve.errors import InvalidSystemError, LimitExceededError
-from mlipserve_client.v1 import compute_pb2
+from mlipserve_client.v1 import compute_pb2, system_pb2
 
 # Model ids are short names; a longer one is a mistake or an attack, and is never echoed in full.
 MAX_MODEL_ID_CHARS = 256
@@ -36,17 +38,21 @@ def check_model_id(model: str) -> None:
 def check_compute_limits(message: compute_pb2.ComputeRequest, limits: Limits) -> None:
     """Systems per request, atoms per system and atoms per request."""
     check_model_id(message.model)
-    n_systems = len(message.systems)
-    if n_systems > limits.max_systems_per_request:
-        raise LimitExceededError("systems", "the number of systems", n_systems, limits.max_systems_per_request,
+    check_system_limits(message.systems, limits)
+
+
+def check_system_limits(systems: Sequence[system_pb2.System], limits: Limits, field: str = "systems") -> None:
+    """The systems of a request, named ``field`` (a workflow's: structures), against the limits."""
+    if len(systems) > limits.max_systems_per_request:
+        raise LimitExceededError(field, f"the number of {field}", len(systems), limits.max_systems_per_request,
                                  "server.limits.max_systems_per_request")
     total = 0
-    for i, system in enumerate(message.systems):
+    for i, system in enumerate(systems):
         n = len(system.atomic_numbers)
         if n > limits.max_atoms_per_system:
-            raise LimitExceededError(f"systems[{i}]", "the number of atoms", n, limits.max_atoms_per_system,
+            raise LimitExceededError(f"{field}[{i}]", "the number of atoms", n, limits.max_atoms_per_system,
                                      "server.limits.max_atoms_per_system")
         total += n
     if total > limits.max_atoms_per_request:
-        raise LimitExceededError("systems", "the number of atoms in the request", total,
+        raise LimitExceededError(field, "the number of atoms in the request", total,
                                  limits.max_atoms_per_request, "server.limits.max_atoms_per_request")

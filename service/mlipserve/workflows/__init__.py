@@ -6,8 +6,8 @@ Transport-agnostic: no grpc, no ray. The server binds a model into an ``Evaluate
 results and events are the thin client's types (mlipserve_client.workflow_types).
 """
 
-from mlipserve.workflows.diatomics import diatomic_systems
 from mlipserve.workflows.runner import WORKFLOWS, run_workflow
 from mlipserve.workflows.session import Evaluate
+from mlipserve_client.workflow_types import diatomic_systems
 
 __all__ = ["WORKFLOWS", "Evaluate", "diatomic_systems", "run_workflow"]

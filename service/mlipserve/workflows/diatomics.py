@@ -4,35 +4,19 @@ conservation, Spearman coefficients on either side of the minimum)."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable
-
 import numpy as np
 from ase import Atoms
-from ase.data import atomic_numbers, covalent_radii, vdw_alvarez
+from ase.data import covalent_radii, vdw_alvarez
 from scipy import stats
 
 from mlipserve.errors import InvalidSystemError
 from mlipserve.workflows.session import Session
-from mlipserve_client.types import Property, System
-from mlipserve_client.workflow_types import DiatomicChecks, DiatomicOptions, DiatomicResult
+from mlipserve_client.types import Property
+from mlipserve_client.workflow_types import DiatomicChecks, DiatomicOptions, DiatomicResult, dimer
 
 EF = frozenset({Property.ENERGY, Property.FORCES})
 # MLIP Arena's far end where ASE has no van der Waals radius for the element.
 DEFAULT_R_MAX = 6.0
-
-
-def _dimer(numbers, r: float, charge: float = 0.0, spin: int = 0) -> System:
-    return System(numbers=np.asarray(numbers, dtype=np.int64), positions=np.array([[0.0, 0.0, 0.0], [r, 0.0, 0.0]]),
-                  cell=None, pbc=np.zeros(3, dtype=bool), total_charge=charge, spin_multiplicity=spin)
-
-
-def diatomic_systems(elements: Iterable[int | str], heteronuclear: bool = False) -> list[System]:
-    """The structures a Diatomics request runs on: one dimer per element (per pair of elements if
-    ``heteronuclear``), at the sum of covalent radii; the workflow scans the distance."""
-    numbers = sorted({atomic_numbers[e] if isinstance(e, str) else int(e) for e in elements})
-    pairs = itertools.combinations_with_replacement(numbers, 2) if heteronuclear else ((z, z) for z in numbers)
-    return [_dimer(pair, float(covalent_radii[pair[0]] + covalent_radii[pair[1]])) for pair in pairs]
 
 
 def distances_for(numbers: tuple[int, int], options: DiatomicOptions) -> np.ndarray:
@@ -80,7 +64,7 @@ def diatomic(atoms: Atoms, session: Session, options: DiatomicOptions) -> Diatom
     distances = distances_for(numbers, options)
     session.report("diatomic", step=0)
     charge, spin = float(atoms.info.get("charge", 0.0)), int(atoms.info.get("spin", 0))
-    results = session.evaluate([_dimer(numbers, r, charge, spin) for r in distances], EF)
+    results = session.evaluate([dimer(numbers, r, charge, spin) for r in distances], EF)
     session.evaluations_done()
     energies = np.array([res.energy for res in results])
     forces = np.array([res.forces[1, 0] for res in results])  # the bond lies along x, atom 1 at +r
