@@ -99,10 +99,13 @@ def test_closest_pair_agrees_with_vesin(pbc, rng):
         assert (got[0], got[1]) == tuple(sorted((int(i[k]), int(j[k]))))
 
 
-def test_the_ingress_imports_no_torch():
+def test_the_front_door_imports_no_torch():
+    """Its validation (geometry, limits, corrections) runs on the replica's event loop without the
+    models' stack; torch comes only with the models themselves."""
     import subprocess
     import sys
 
-    code = "import sys, mlipserve.deployments.ingress, mlipserve.app; print('torch' in sys.modules)"
+    code = ("import sys, mlipserve.server.frontdoor, mlipserve.server.sessions, mlipserve.app; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -60,7 +60,8 @@ def _read(value: str | Path | bytes | None) -> bytes | None:
 
 
 class MLIPClient(WorkflowMethods):
-    """A connection to an mlipserve server at ``address`` ("host:port").
+    """A connection to an mlipserve server at ``address`` ("host:port", or several front doors as
+    "ipv4:host1:port,host2:port").
 
     ``model`` is the default model id for ``compute``; ``timeout`` (s) is the deadline of each call,
     retries included. ``token`` (default: $MLIPSERVE_TOKEN) is sent as ``authorization: Bearer``.
@@ -100,6 +101,9 @@ class MLIPClient(WorkflowMethods):
             ("grpc.max_send_message_length", -1),
             # Retries are ours (below): bounded by the call's deadline, not by a fixed attempt count.
             ("grpc.enable_retries", 0),
+            # Several front doors ("ipv4:10.0.0.1:50051,10.0.0.2:50051", or a DNS name with several
+            # addresses): calls spread over those that are up, and a lost one is skipped.
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         if tls:
             if tls_server_name:
@@ -158,7 +162,10 @@ class MLIPClient(WorkflowMethods):
         request = ComputeRequest(model=model, systems=typed, properties=frozenset(Property(p) for p in properties),
                                  task=task, corrections=tuple(corrections))
         response = self.call(self.stub.Compute, convert.compute_request_to_proto(request), timeout)
-        return [convert.result_from_proto(r, s.n_atoms) for r, s in zip(response.results, typed, strict=True)]
+        results = [convert.result_from_proto(r, s.n_atoms) for r, s in zip(response.results, typed, strict=True)]
+        for result in results:
+            result.model_version = response.model_version
+        return results
 
     def session(
         self,

@@ -109,6 +109,9 @@ class Result:
     charges: np.ndarray | None = None  # (n,) e
     # Energy of each correction applied (eV), by name, in order; already included in ``energy``.
     corrections: dict[str, float] = field(default_factory=dict)
+    # The version of the model that computed it (ComputeResponse.model_version): during an upgrade
+    # in place, which side of the switch answered.
+    model_version: str = ""
 
     def as_ase_results(self) -> dict[str, float | np.ndarray]:
         """The ``Calculator.results`` dict ASE expects (energy doubles as free_energy)."""

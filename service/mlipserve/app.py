@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from mlipserve.autoscaling import with_policy
 from mlipserve.config import ServiceConfig
 from mlipserve.deployments.model import ModelServer, deployment_name
 
@@ -24,8 +25,10 @@ def _family_deployment(config: ServiceConfig, family: str, siblings: tuple = ())
     actor_options = {"num_cpus": deployment.num_cpus, "num_gpus": deployment.num_gpus}
     if deployment.runtime_env:
         actor_options["runtime_env"] = dict(deployment.runtime_env)
-    scaling = ({"autoscaling_config": dict(deployment.autoscaling)} if deployment.autoscaling
+    scaling = ({"autoscaling_config": with_policy(dict(deployment.autoscaling))} if deployment.autoscaling
                else {"num_replicas": deployment.num_replicas})
+    if deployment.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = deployment.max_replicas_per_node
     return ModelServer.options(
         name=deployment_name(family),
         max_ongoing_requests=deployment.max_ongoing_requests,

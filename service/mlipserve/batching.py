@@ -144,6 +144,7 @@ class BatchQueue:
         self._observer = observer
         self._lanes = {"small": _Lane("small", small_lane), "large": _Lane("large", large_lane)}
         self._queued_work = 0.0
+        self._held = 0  # requests submitted and not yet answered
         self._work_per_s: float | None = None
         self._closed = False
         self.history: collections.deque[BatchRecord] = collections.deque(maxlen=history)
@@ -151,6 +152,11 @@ class BatchQueue:
     @property
     def queued_work(self) -> float:
         return self._queued_work
+
+    @property
+    def requests_held(self) -> int:
+        """Requests queued or running: what autoscaling sizes the family on."""
+        return self._held
 
     async def submit(self, request: ComputeRequest) -> list[Result]:
         system_work = tuple(self._cost(s) for s in request.systems)
@@ -165,9 +171,15 @@ class BatchQueue:
         pending = PendingRequest(request, system_work, loop.create_future())
         lane.pending.append(pending)
         self._add_queued(work)
-        pending.future.add_done_callback(lambda future: self._forget(lane, pending) if future.cancelled() else None)
+        self._held += 1
+        pending.future.add_done_callback(lambda future: self._done(lane, pending, future))
         lane.wakeup.set()
         return await pending.future
+
+    def _done(self, lane: _Lane, pending: PendingRequest, future: asyncio.Future) -> None:
+        self._held -= 1
+        if future.cancelled():
+            self._forget(lane, pending)
 
     def _forget(self, lane: _Lane, pending: PendingRequest) -> None:
         """A cancelled request still queued leaves the queue (one already running finishes unseen)."""

@@ -53,6 +53,9 @@ class ModelConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
     # Overrides the deployment's device for this model.
     device: str | None = None
+    # The version every response names (ComputeResponse.model_version); default: the backend's
+    # (e.g. CHGNet's "0.3.0"). Set it to label a new checkpoint or config when upgrading in place.
+    version: str | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     # Physics corrections every request to this model id gets (a composite model, e.g.
     # "mace-small+pme+d3"): [{electrostatics: {method, charges, exclusion_radius}},
@@ -91,6 +94,9 @@ class DeploymentConfig:
     # Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...);
     # replaces num_replicas when given.
     autoscaling: Mapping[str, Any] | None = None
+    # At most this many replicas on one node (Serve's max_replicas_per_node): 1 spreads the family
+    # over the cluster, a front door on every node that serves. None: Serve places them.
+    max_replicas_per_node: int | None = None
     # Ray runtime_env of the replicas (e.g. pip packages of a family that needs its own environment).
     runtime_env: Mapping[str, Any] | None = None
 
@@ -138,7 +144,9 @@ class TokenEntry:
 class ServerConfig:
     """The front door: the gRPC server in each model replica that clients connect to."""
 
-    host: str = "127.0.0.1"  # loopback unless told otherwise
+    # Loopback unless told otherwise; "node": the address Ray knows the replica's node by (a
+    # multi-node cluster on private addresses, a front door per node).
+    host: str = "127.0.0.1"
     port: int = DEFAULT_GRPC_PORT
     # A second, plaintext port that answers only grpc.health.v1, for probes that cannot speak TLS
     # (Kubernetes' gRPC probes). None: health is on the service port only.
@@ -157,6 +165,10 @@ class ServerConfig:
     session_idle_timeout_s: float = 300.0
     max_sessions_per_token: int = 64
     max_sessions: int = 1024
+    # Connections older than this are asked to go (GOAWAY; calls in flight, MD sessions included,
+    # finish on them) and clients reconnect: balancing is per connection, so this is what spreads
+    # long-lived clients over replicas that were added (autoscaling, a node that rejoined). None: never.
+    max_connection_age_s: float | None = 300.0
     # SIGTERM: stop accepting, then wait this long for in-flight calls.
     drain_grace_s: float = 10.0
     # How long a request for a model of another replica keeps retrying when that replica is lost.

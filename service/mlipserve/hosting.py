@@ -127,7 +127,9 @@ class ModelHost:
             self._infos[model_id] = dataclasses.replace(
                 self._infos[model_id], status=ModelStatus.UNAVAILABLE, status_message=f"failed to load: {error}")
             raise ModelUnavailableError(model_id, self._infos[model_id].status_message) from error
-        self._infos[model_id] = dataclasses.replace(loaded.backend.info, id=model_id, status=ModelStatus.AVAILABLE,
+        backend_info = loaded.backend.info
+        self._infos[model_id] = dataclasses.replace(backend_info, id=model_id, status=ModelStatus.AVAILABLE,
+                                                    version=config.version or backend_info.version,
                                                     corrections=config.corrections)
         self._resident[model_id] = loaded
         logger.info("model %s loaded in %.1f s (budget %.3g)", model_id, time.perf_counter() - start,
@@ -199,6 +201,10 @@ class ModelHost:
 
     def probe_result(self, model_id: str) -> ProbeResult | None:
         return self._probes.get(model_id)
+
+    def requests_held(self) -> int:
+        """Requests queued or running in this host's models (autoscaling's signal)."""
+        return sum(loaded.queue.requests_held for loaded in self._resident.values())
 
     def neighbour_stats(self, model_id: str):
         """The skin neighbour lists' counters of a resident model whose backend keeps them, else None."""

@@ -43,6 +43,9 @@ def start_ray(num_cpus: int | None = None, address: str | None = None) -> None:
         ray.init(address=address, namespace=APP_NAME, logging_level="WARNING")
         return
     ray.init(
+        # A new local instance even where `ray start` runs a cluster on this machine (ray.init
+        # would otherwise join it).
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=OBJECT_STORE_BYTES,

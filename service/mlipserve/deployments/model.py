@@ -9,12 +9,15 @@ costs ~4 ms here, more than the whole overhead budget). Replicas on one node sha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from mlipserve.autoscaling import REQUESTS_HELD
 from mlipserve.batching import BatchRecord
 from mlipserve.capacity import ProbeResult
 from mlipserve.config import ServiceConfig
@@ -60,8 +63,11 @@ class ModelServer:
                  for f in config.families if f != family}
         router = FamilyRouter(self.host, {m.id: m.family_name for m in config.models}, peers,
                               config.server.peer_retry_s)
+        server = config.server
+        if server.host == "node":
+            server = dataclasses.replace(server, host=ray.util.get_node_ip_address())
         # Listening before the models load: health says NOT_SERVING, Compute UNAVAILABLE (retried).
-        self.front_door = FrontDoor(router, config.server, config.health_timeout_s, RequestMetrics())
+        self.front_door = FrontDoor(router, server, config.health_timeout_s, RequestMetrics())
         await self.front_door.start()
         await self.host.load_all()
         await self.front_door.refresh_health()
@@ -73,6 +79,12 @@ class ModelServer:
 
     async def compute(self, request: ComputeRequest) -> list[Result]:
         return await self.host.compute(request)
+
+    # --- called by Serve -----------------------------------------------------------------------
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """What mlipserve.autoscaling sizes the family on (Serve cannot count front-door calls)."""
+        return {REQUESTS_HELD: float(self.host.requests_held())}
 
     # --- introspection (tests, benchmarks) -----------------------------------------------------
 

@@ -112,6 +112,8 @@ class FrontDoor:
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1),
         ]
+        if config.max_connection_age_s is not None:
+            options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
         interceptors = [AuthInterceptor(self.authenticator, self.observer)] if self.authenticator else []
         server = grpc.aio.server(interceptors=interceptors, options=options)
         methods = {**self.servicer.methods(), "Simulate": self.sessions.handler(), **self.workflows.methods()}

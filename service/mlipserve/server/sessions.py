@@ -59,26 +59,37 @@ class SessionServicer:
         self.config = config
         self.open_sessions: dict[str, Session] = {}
         self._per_principal: collections.Counter[str] = collections.Counter()
-        self._tasks: set[asyncio.Task] = set()
-        self._draining = False
+        self._draining = asyncio.Event()
 
     async def drain(self) -> None:
-        """End every open session with UNAVAILABLE: its client reopens it on another front door (or
-        this one restarted) rather than waiting out the drain."""
-        self._draining = True
-        for task in list(self._tasks):
-            task.cancel()
+        """End every open session with UNAVAILABLE once its current step is answered: its client
+        reopens it on another front door (or this one restarted) rather than waiting out the drain."""
+        self._draining.set()
 
     def handler(self) -> grpc.RpcMethodHandler:
         return grpc.stream_stream_rpc_method_handler(self.simulate)
 
     async def _next(self, requests: AsyncIterator[bytes]) -> bytes | None:
+        """The next message, None when the client closed its side; SessionIdleError after the idle
+        timeout, ServerDrainingError once draining. A pending read is left to end with the call, not
+        cancelled: a cancelled read keeps the call alive in gRPC until the client moves, which would
+        hold a drain for its whole grace."""
+        read = asyncio.ensure_future(anext(requests))
+        draining = asyncio.ensure_future(self._draining.wait())
         try:
-            return await asyncio.wait_for(anext(requests), self.config.session_idle_timeout_s)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
-            raise SessionIdleError(self.config.session_idle_timeout_s) from None
+            done, _ = await asyncio.wait((read, draining), timeout=self.config.session_idle_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+        if read in done:
+            try:
+                return read.result()
+            except StopAsyncIteration:
+                return None
+        read.add_done_callback(_consume)
+        if draining in done:
+            raise ServerDrainingError()
+        raise SessionIdleError(self.config.session_idle_timeout_s)
 
     async def _open(self, message: session_pb2.SessionOpen) -> Session:
         if not message.HasField("system"):
@@ -117,13 +128,11 @@ class SessionServicer:
 
     async def simulate(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
         session = None
-        task = asyncio.current_task()
-        self._tasks.add(task)
         calls = self.api.calls
         call = calls.start("Simulate")
         code = "OK"
         try:
-            if self._draining:
+            if self._draining.is_set():
                 raise ServerDrainingError()
             first = await self._next(requests)
             if first is None:
@@ -156,10 +165,8 @@ class SessionServicer:
                 call.answered(len(answer), step=True)
                 yield answer
         except asyncio.CancelledError:
-            if not self._draining:
-                code = "CANCELLED"
-                raise  # the client went away
-            await abort(context, ServerDrainingError())
+            code = "CANCELLED"
+            raise  # the client went away
         except GeneratorExit:
             code = "CANCELLED"  # closed while waiting to send: the client went away
             raise
@@ -169,9 +176,13 @@ class SessionServicer:
             call.failed(error)
             await abort(context, error)
         finally:
-            self._tasks.discard(task)
             if session is not None:
                 self._close(session)
                 calls.observer.session_closed(call.model)
             call.finish(code_name(context, code))
 
+
+def _consume(read: asyncio.Future) -> None:
+    """Retrieve the outcome of a read left pending (the call's end), so that it is not reported."""
+    if not read.cancelled():
+        read.exception()
