@@ -1,6 +1,6 @@
 """Every benchmark in one command: remote vs local MD step and memory (CHGNet, MACE-MP-0-small-shaped,
-SevenNet-0), serving throughput (ceiling, batching on/off, the i-PI socket peer), and the cost of
-the corrections.
+SevenNet-0), serving throughput (ceiling, batching on/off, the i-PI socket peer), the cost of the
+corrections, the front door, MD sessions and property workflows.
 
 Each benchmark runs in its own process (each starts and stops its own local Ray), one after the
 other so that they do not compete for the CPUs. Their JSON and PNG land in results/; this script
@@ -40,6 +40,7 @@ def commands(args) -> dict[str, list[str]]:
     runs["frontdoor"] = [py, "frontdoor.py", *cpus, *(["--calls", "40", "--seconds", "8"] if args.quick else [])]
     runs["sessions"] = [py, "sessions.py", *cpus,
                         *(["--steps", "15", "--nve-steps", "200", "--seconds", "8"] if args.quick else [])]
+    runs["workflows"] = [py, "workflows.py", *cpus, *(["--quick"] if args.quick else [])]
     return {name: argv for name, argv in runs.items() if any(name.startswith(o) for o in args.only)}
 
 
@@ -96,6 +97,17 @@ def summary_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         if "sixteen_sessions" in sessions:
             rows.append(("16 sessions, 8–16 atoms / in-process ceiling",
                          f"{sessions['sixteen_sessions']['ratio']:.2f}", "≥ 0.9"))
+    workflows = results.get("workflows")
+    if workflows:
+        for name, row in workflows["workflows"].items():
+            rows.append((f"{name} of {row['structures']} structures ({workflows['model']}, 8–64 atoms), served / "
+                         "one by one with RemoteCalculator / in-process batched (s)",
+                         f"{row['served_s']} / {row['sequential_remote_s']} / {row['in_process_batched_s']} "
+                         f"({row['speedup_served_over_sequential']}x one by one)", ""))
+            served = row["served_batches"]
+            rows.append((f"batches the model saw, served {name}",
+                         f"{served['batches']}, {served.get('mean_systems')} systems ({served.get('mean_requests')} "
+                         f"requests) on average, at most {served.get('max_systems')}", ""))
     corrections = results.get("corrections")
     if corrections:
         for name, ratio in corrections["ratio_to_chgnet_at_1000_atoms"].items():
@@ -108,7 +120,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, clients and sizes (minutes, not an hour)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: the models' device, served and local")
     parser.add_argument("--num-cpus", type=int, default=2, help="torch threads per replica and per local run")
-    parser.add_argument("--only", nargs="+", default=["md_step", "serving", "corrections", "frontdoor", "sessions"])
+    parser.add_argument("--only", nargs="+",
+                        default=["md_step", "serving", "corrections", "frontdoor", "sessions", "workflows"])
     args = parser.parse_args()
 
     results: dict[str, dict] = {}

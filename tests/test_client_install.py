@@ -1,4 +1,5 @@
-"""The thin client installs into a fresh venv without torch or ray and talks to a running server."""
+"""The thin client installs into a fresh venv without torch or ray and talks to a running server; so
+does its ``cli`` extra (tqdm and matplotlib for mlipserve-client's progress bar and plots)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,18 @@ def test_client_installs_without_torch_or_ray_and_calls_the_server(tmp_path, ser
     assert run.returncode == 0, run.stderr[-3000:]
     (expected,) = client.compute(si_diamond(), ("energy",))
     assert float(run.stdout.strip()) == expected.energy
+
+    extra = subprocess.run([python, "-m", "pip", "install", "--quiet", f"{CLIENT_DIR}[cli]"],
+                           capture_output=True, text=True, timeout=600)
+    assert extra.returncode == 0, extra.stderr[-3000:]
+    installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                               timeout=120).stdout.lower()
+    names = {line.split("==")[0] for line in installed.splitlines()}
+    assert {"tqdm", "matplotlib"} <= names and not names & {"torch", "ray", "mlipserve"}, names
+    structure = tmp_path / "si.extxyz"
+    si_diamond().write(structure)
+    cli = subprocess.run([env_dir / "bin" / "mlipserve-client", "eos", str(structure), "--model", CHGNET_ID,
+                          "--address", server.address, "--options", '{"relax": null, "n_points": 5}',
+                          "--plot", str(tmp_path / "plots")], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "B0" in cli.stdout and (tmp_path / "plots" / "eos_0_si.extxyz.png").stat().st_size > 0

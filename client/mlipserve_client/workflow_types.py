@@ -78,7 +78,8 @@ class _Record:
         fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("json", True)}
         unknown = sorted(set(data) - fields)
         if unknown:
-            raise InvalidSystemError(unknown[0], f"not a field of {cls.__name__}; its fields: {', '.join(sorted(fields))}")
+            raise InvalidSystemError(unknown[0], f"not a field of {cls.__name__}; its fields: "
+                                                 f"{', '.join(sorted(fields))}")
         hints = typing.get_type_hints(cls)
         return cls(**{name: from_plain(hints[name], value) for name, value in data.items()})
 
