@@ -13,7 +13,7 @@ import grpc
 from ase import Atoms
 
 from mlipserve_client import convert
-from mlipserve_client.errors import ServiceError, ServiceInputError
+from mlipserve_client.retries import FIRST_BACKOFF_S, MAX_BACKOFF_S, raise_service_error, retry_delay
 from mlipserve_client.types import DEFAULT_PROPERTIES, ComputeRequest, Correction, ModelInfo, Property, Result, System
 from mlipserve_client.v1 import models_pb2, service_pb2_grpc
 from mlipserve_client.workflows import WorkflowMethods
@@ -23,36 +23,6 @@ logger = logging.getLogger("mlipserve_client")
 DEFAULT_TIMEOUT_S = 60.0
 SERVICE_NAME = "mlipserve.v1.MLIPService"
 TOKEN_ENV = "MLIPSERVE_TOKEN"
-# Trailing metadata of a status worth retrying after a delay (queue full, rate limit, lost replica).
-RETRY_AFTER_KEY = "retry-after-ms"
-_INPUT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
-_FIRST_BACKOFF_S = 0.1
-_MAX_BACKOFF_S = 5.0
-
-
-def raise_service_error(err: grpc.RpcError, code: grpc.StatusCode | None = None, details: str | None = None) -> None:
-    """Raise ``err`` as the client's exception (ServiceInputError for bad input, else ServiceError)."""
-    code, details = code or err.code(), details or err.details() or ""
-    error_class = ServiceInputError if code in _INPUT_CODES else ServiceError
-    raise error_class(code, details) from None
-
-
-def retry_delay(err: grpc.RpcError, backoff: float) -> float | None:
-    """Seconds to wait before retrying ``err``, or None if retrying cannot help.
-
-    Every RPC of the API is a pure function of its request, so retrying is always safe. UNAVAILABLE
-    (server restarting, replica lost, connection refused) is retried with backoff; RESOURCE_EXHAUSTED
-    only when the server says when (queue full, rate limit): without ``retry-after-ms`` it is a
-    request over a size limit, which would fail again."""
-    code = err.code()
-    hint = next((float(v) / 1000 for k, v in (err.trailing_metadata() or ()) if k == RETRY_AFTER_KEY), None)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return max(backoff, hint or 0.0)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and hint is not None:
-        return max(backoff, hint)
-    return None
-
-
 def _read(value: str | Path | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -125,7 +95,7 @@ class MLIPClient(WorkflowMethods):
         """``method(request)`` with this client's token, within one deadline, retried while the server
         says it could not take the call (UNAVAILABLE, RESOURCE_EXHAUSTED with a retry hint)."""
         deadline = time.monotonic() + (timeout or self.timeout)
-        backoff = _FIRST_BACKOFF_S
+        backoff = FIRST_BACKOFF_S
         while True:
             remaining = deadline - time.monotonic()
             try:
@@ -136,7 +106,7 @@ class MLIPClient(WorkflowMethods):
                     raise_service_error(err)
                 logger.info("%s: %s, retrying in %.2f s", self.address, err.code().name, delay)
                 time.sleep(delay * random.uniform(0.8, 1.2))
-                backoff = min(2 * backoff, _MAX_BACKOFF_S)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
 
     def compute(
         self,

@@ -13,18 +13,26 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
 from mlipserve_client import convert
-from mlipserve_client.client import MLIPClient, raise_service_error, retry_delay
+from mlipserve_client.retries import FIRST_BACKOFF_S, MAX_BACKOFF_S, raise_service_error, retry_delay
 from mlipserve_client.types import Correction, Property, Result, System
 from mlipserve_client.v1 import session_pb2
 
+
+class Connection(Protocol):
+    """What a session needs of its MLIPClient: the stub, the call metadata (token), the defaults."""
+
+    stub: Any
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float
+    retries: bool
+
 IDLE_KEY = "mlipserve-session"
-_FIRST_BACKOFF_S = 0.1
-_MAX_BACKOFF_S = 5.0
 
 
 def _reopen_delay(err: grpc.RpcError, backoff: float) -> float | None:
@@ -39,7 +47,7 @@ class _Stream:
 
     _END = object()
 
-    def __init__(self, client: MLIPClient, opening: session_pb2.SessionOpen) -> None:
+    def __init__(self, client: Connection, opening: session_pb2.SessionOpen) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._requests.put(session_pb2.SessionRequest(open=opening))
         self.call = client.stub.Simulate(iter(self._requests.get, self._END), metadata=client.metadata)
@@ -66,7 +74,7 @@ class _Stream:
 class Session:
     """An open MD session with ``model`` for ``system``; see the module docstring."""
 
-    def __init__(self, client: MLIPClient, system: System, properties: frozenset[Property], *, model: str,
+    def __init__(self, client: Connection, system: System, properties: frozenset[Property], *, model: str,
                  task: str = "", corrections: Sequence[Correction] = (), timeout: float | None = None) -> None:
         self.client = client
         self.system = system
@@ -100,7 +108,7 @@ class Session:
         """``attempt(deadline)`` on an open stream, reopening the session as often as it is broken
         within one deadline."""
         deadline = time.monotonic() + self.timeout
-        backoff = _FIRST_BACKOFF_S
+        backoff = FIRST_BACKOFF_S
         while True:
             try:
                 if self._stream is None:
@@ -114,7 +122,7 @@ class Session:
                     raise_service_error(err)
                 self.close()
                 time.sleep(delay)
-                backoff = min(2 * backoff, _MAX_BACKOFF_S)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
 
     def step(self, positions: np.ndarray, cell: np.ndarray | None = None) -> Result:
         """Energy, forces (and the other properties of the session) at ``positions``."""

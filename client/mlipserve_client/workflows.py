@@ -29,6 +29,7 @@ from ase import Atoms
 
 from mlipserve_client import convert
 from mlipserve_client.convert_workflows import event_from_proto, workflow_request
+from mlipserve_client.retries import FIRST_BACKOFF_S, MAX_BACKOFF_S, raise_service_error, retry_delay
 from mlipserve_client.types import Correction, System
 from mlipserve_client.workflow_types import (
     DiatomicOptions,
@@ -54,8 +55,6 @@ logger = logging.getLogger("mlipserve_client")
 
 # A workflow of many structures runs for minutes to hours; a unary call's 60 s would cut it short.
 DEFAULT_WORKFLOW_TIMEOUT_S = 3600.0
-_FIRST_BACKOFF_S = 0.1
-_MAX_BACKOFF_S = 5.0
 
 Structures = Atoms | System | Sequence[Atoms | System]
 OnEvent = Callable[[WorkflowEvent], None]
@@ -118,10 +117,9 @@ class _Workflow:
         return unavailable
 
     def run(self, timeout: float) -> list[WorkflowResult | StructureError]:
-        from mlipserve_client.client import raise_service_error, retry_delay
 
         deadline = time.monotonic() + timeout
-        backoff = _FIRST_BACKOFF_S
+        backoff = FIRST_BACKOFF_S
         while len(self.outcomes) < len(self.protos):
             delay = None
             try:
@@ -139,7 +137,7 @@ class _Workflow:
                             err.code().name, len(self.outcomes), len(self.protos), delay)
             if delay is not None:
                 time.sleep(delay * random.uniform(0.8, 1.2))
-                backoff = min(2 * backoff, _MAX_BACKOFF_S)
+                backoff = min(2 * backoff, MAX_BACKOFF_S)
         return [self.outcomes[i] for i in range(len(self.protos))]
 
 

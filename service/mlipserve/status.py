@@ -30,10 +30,10 @@ from mlipserve.errors import (
     SystemTooLargeError,
     UnauthenticatedError,
 )
+from mlipserve_client.retries import RETRY_AFTER_KEY
 
 logger = logging.getLogger("mlipserve")
 
-RETRY_AFTER_KEY = "retry-after-ms"
 # Checked in order; the first class the error is an instance of decides.
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (InvalidSystemError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -79,6 +79,9 @@ class SessionServicer:
         try:
             done, _ = await asyncio.wait((read, draining), timeout=self.config.session_idle_timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            read.cancel()  # the client went away: its call ends anyway
+            raise
         finally:
             draining.cancel()
         if read in done:
