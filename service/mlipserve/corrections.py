@@ -1,4 +1,4 @@
-"""Which corrections a request gets, checked before any model runs (no torch: the ingress uses it).
+"""Which corrections a request gets, checked before any model runs (no torch: the front door uses it).
 
 A model id may bake corrections in (ModelConfig.corrections, e.g. "mace-small+pme+d3"); a request may
 add more. Each kind applies at most once. An electrostatics correction whose charges are "auto" is

@@ -56,24 +56,23 @@ def check_geometry(system: System, where: str, cutoff: float,
 def closest_pair(system: System, within: float) -> tuple[int, int, float] | None:
     """The closest two atoms (a <= b; a == b: an atom and its own image) less than ``within`` Å apart,
     periodic images included, or None. A k-d tree over the atoms plus the images of those within
-    ``within`` of a periodic face: scipy only, no torch, so the ingress can afford it."""
+    ``within`` of a periodic face: scipy only, no torch, so the front door can afford it."""
     positions = wrapped_positions(system) if system.cell is not None else system.positions
-    index = np.arange(system.n_atoms)
-    points, owners = [positions], [index]
+    owners = np.arange(system.n_atoms)
+    points = positions
     if system.is_periodic:
         frac = np.linalg.solve(system.cell.T, positions.T).T
         heights = abs(np.linalg.det(system.cell)) / np.linalg.norm(
             np.cross(system.cell[[1, 2, 0]], system.cell[[2, 0, 1]]), axis=1)
         near = within / heights  # fractional distance from a face that counts as near
-        for shift in itertools.product(*[(-1, 0, 1) if p else (0,) for p in system.pbc]):
-            if not any(shift):
-                continue
-            shift = np.array(shift)
-            # An image shifted by +1 along k matters for atoms near the low face (frac < near), and so on.
-            close = np.all((shift == 0) | ((shift > 0) & (frac < near)) | ((shift < 0) & (frac > 1 - near)), axis=1)
-            points.append(positions[close] + shift @ system.cell)
-            owners.append(index[close])
-    points, owners = np.concatenate(points), np.concatenate(owners)
+        shifts = np.array([s for s in itertools.product(*[(-1, 0, 1) if p else (0,) for p in system.pbc]) if any(s)])
+        # An image shifted by +1 along k matters for atoms near the low face (frac < near), and so
+        # on; all shifts at once (one array operation, not 26: this runs for every request).
+        close = np.all((shifts[:, None, :] == 0) | ((shifts[:, None, :] > 0) & (frac < near))
+                       | ((shifts[:, None, :] < 0) & (frac > 1 - near)), axis=2)
+        image, atom = np.nonzero(close)
+        points = np.concatenate([positions, positions[atom] + shifts[image] @ system.cell])
+        owners = np.concatenate([owners, atom])
     pairs = cKDTree(points).query_pairs(within, output_type="ndarray")
     if not len(pairs):
         return None

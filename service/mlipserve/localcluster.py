@@ -90,6 +90,10 @@ class LocalCluster:
     def stop(self) -> None:
         # Every process of this cluster names its GCS port; the nodes' workers die with their raylets.
         _kill(processes_of(f":{self.gcs_port}") + processes_of(f"--gcs_server_port={self.gcs_port}"))
+        # `ray start` left the head's address where a later plain ray.init() would try to join it.
+        current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{self.gcs_port}"):
+            current.unlink()
 
 
 @contextmanager

@@ -1,1 +1,1 @@
-"""Thin Ray Serve deployments that wire the ingress, batching and backends together."""
+"""Thin Ray Serve deployments: a family's models, their batch queues and the front door in one replica."""

@@ -1,4 +1,4 @@
-"""D3 damping parameters by functional (no torch: the ingress validates requests against them)."""
+"""D3 damping parameters by functional (no torch: the front door validates requests against them)."""
 
 from __future__ import annotations
 

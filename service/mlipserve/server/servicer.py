@@ -9,6 +9,7 @@ conversion), check the request against the model, and hand a typed request to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import time
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from mlipserve.backends.base import check_request
 from mlipserve.config import Limits
 from mlipserve.corrections import resolve_corrections
-from mlipserve.errors import InvalidSystemError, ModelUnavailableError
+from mlipserve.errors import InvalidSystemError, ModelUnavailableError, ServerDrainingError
 from mlipserve.server.auth import current_principal
 from mlipserve.server.engine import Engine
 from mlipserve.server.limits import check_compute_limits, check_message_size, check_model_id
@@ -64,6 +65,29 @@ async def _off_loop_if(big: bool, function, *args):
     return await asyncio.to_thread(function, *args) if big else function(*args)
 
 
+@contextlib.asynccontextmanager
+async def reported(context: grpc.aio.ServicerContext, call: Call, drained: Callable[[], bool] = lambda: False):
+    """The outcome of an RPC handler's block: every exception becomes its mapped status
+    (mlipserve.status), and the call is observed with the code it ended with. A cancellation is the
+    client leaving (or its deadline), unless ``drained()``: then this server cancelled it to shut
+    down, and the client is told to go elsewhere (UNAVAILABLE)."""
+    code = "OK"
+    try:
+        yield
+    except (asyncio.CancelledError, GeneratorExit):
+        if not drained():
+            code = "CANCELLED"
+            raise
+        await abort(context, ServerDrainingError())
+    except grpc.aio.AbortError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
+        call.failed(error)
+        await abort(context, error)
+    finally:
+        call.finish(code_name(context, code))
+
+
 def _rpc(method: Method) -> Handler:
     """Any exception of ``method`` becomes its mapped status (mlipserve.status); the call is observed
     as the RPC of the method's name (compute: Compute)."""
@@ -73,21 +97,10 @@ def _rpc(method: Method) -> Handler:
     async def wrapper(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         call = self.calls.start(rpc)
         call.received(len(raw))
-        code = "OK"
-        try:
+        async with reported(context, call):
             response = await method(self, raw, context, call)
             call.answered(len(response))
             return response
-        except asyncio.CancelledError:
-            code = "CANCELLED"  # the client went away or its deadline passed
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
-            call.failed(error)
-            await abort(context, error)
-        finally:
-            call.finish(code_name(context, code))
 
     return wrapper
 

@@ -26,9 +26,7 @@ from mlipserve.config import ServerConfig
 from mlipserve.errors import InvalidSystemError, LimitExceededError, ServerDrainingError, SessionIdleError
 from mlipserve.geometry import check_geometry
 from mlipserve.server.auth import current_principal
-from mlipserve.server.observer import code_name
-from mlipserve.server.servicer import MLIPServicer, decode, prepare
-from mlipserve.status import abort
+from mlipserve.server.servicer import MLIPServicer, decode, prepare, reported
 from mlipserve_client import convert
 from mlipserve_client.types import ComputeRequest, ModelInfo, Property
 from mlipserve_client.v1 import session_pb2
@@ -133,56 +131,44 @@ class SessionServicer:
         session = None
         calls = self.api.calls
         call = calls.start("Simulate")
-        code = "OK"
-        try:
-            if self._draining.is_set():
-                raise ServerDrainingError()
-            first = await self._next(requests)
-            if first is None:
-                return
-            call.received(len(first))
-            opening = decode(session_pb2.SessionRequest, first)
-            if opening.WhichOneof("kind") != "open":
-                raise InvalidSystemError("open", "a session starts with SessionOpen; a step came first")
-            call.name_model(opening.open.model)
-            session = await self._open(opening.open)
-            calls.observer.session_opened(call.model)
-            opened = session_pb2.SessionResponse(opened=session_pb2.SessionOpened(
-                session_id=session.id, model_version=session.info.version,
-                idle_timeout_s=self.config.session_idle_timeout_s,
-                corrections=[c.name for c in session.request.corrections])).SerializeToString()
-            call.answered(len(opened))
-            yield opened
-            while (raw := await self._next(requests)) is not None:
-                call.received(len(raw))
-                message = decode(session_pb2.SessionRequest, raw)
-                if message.WhichOneof("kind") != "step":
-                    raise InvalidSystemError("open", "this session is already open: its model, species and pbc "
-                                                     "are fixed; open another stream for another system")
-                request = session.at(message.step)
-                with call.in_engine():
-                    (result,) = await self.api.engine.compute(request, None)
-                session.steps += 1
-                answer = session_pb2.SessionResponse(result=session_pb2.StepResult(
-                    step=message.step.step, result=convert.result_to_proto(result))).SerializeToString()
-                call.answered(len(answer), step=True)
-                yield answer
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise  # the client went away
-        except GeneratorExit:
-            code = "CANCELLED"  # closed while waiting to send: the client went away
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
-            call.failed(error)
-            await abort(context, error)
-        finally:
-            if session is not None:
-                self._close(session)
-                calls.observer.session_closed(call.model)
-            call.finish(code_name(context, code))
+        async with reported(context, call):
+            try:
+                if self._draining.is_set():
+                    raise ServerDrainingError()
+                first = await self._next(requests)
+                if first is None:
+                    return
+                call.received(len(first))
+                opening = decode(session_pb2.SessionRequest, first)
+                if opening.WhichOneof("kind") != "open":
+                    raise InvalidSystemError("open", "a session starts with SessionOpen; a step came first")
+                call.name_model(opening.open.model)
+                session = await self._open(opening.open)
+                calls.observer.session_opened(call.model)
+                opened = session_pb2.SessionResponse(opened=session_pb2.SessionOpened(
+                    session_id=session.id, model_version=session.info.version,
+                    idle_timeout_s=self.config.session_idle_timeout_s,
+                    corrections=[c.name for c in session.request.corrections])).SerializeToString()
+                call.answered(len(opened))
+                yield opened
+                while (raw := await self._next(requests)) is not None:
+                    call.received(len(raw))
+                    message = decode(session_pb2.SessionRequest, raw)
+                    if message.WhichOneof("kind") != "step":
+                        raise InvalidSystemError("open", "this session is already open: its model, species and pbc "
+                                                         "are fixed; open another stream for another system")
+                    request = session.at(message.step)
+                    with call.in_engine():
+                        (result,) = await self.api.engine.compute(request, None)
+                    session.steps += 1
+                    answer = session_pb2.SessionResponse(result=session_pb2.StepResult(
+                        step=message.step.step, result=convert.result_to_proto(result))).SerializeToString()
+                    call.answered(len(answer), step=True)
+                    yield answer
+            finally:
+                if session is not None:
+                    self._close(session)
+                    calls.observer.session_closed(call.model)
 
 
 def _consume(read: asyncio.Future) -> None:

@@ -26,9 +26,9 @@ import grpc
 from mlipserve.config import Limits
 from mlipserve.errors import LimitExceededError, ServerDrainingError
 from mlipserve.server.limits import check_message_size, check_model_id, check_system_limits
-from mlipserve.server.observer import Call, code_name
-from mlipserve.server.servicer import MLIPServicer, decode, prepare
-from mlipserve.status import abort, status_for
+from mlipserve.server.observer import Call
+from mlipserve.server.servicer import MLIPServicer, decode, prepare, reported
+from mlipserve.status import status_for
 from mlipserve.workflows import diatomic_systems, run_workflow
 from mlipserve.workflows.runner import DEFAULT_MAX_IN_FLIGHT, DEFAULT_PROGRESS_INTERVAL_S, structure_error
 from mlipserve_client import convert
@@ -150,33 +150,23 @@ class WorkflowServicer:
         self._tasks.add(task)
         call = self.api.calls.start(rpc)
         call.received(len(raw))
-        code, sent = "OK", 0
+        sent = 0
         try:
-            if self._draining:
-                raise ServerDrainingError()
-            workflow = await self._checked(rpc, raw, call)
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
-            async with asyncio.timeout(remaining), aclosing(self._events(workflow, deadline)) as events:
-                while True:
-                    with call.in_engine():
-                        event = await anext(events, None)
-                    if event is None:
-                        break
-                    data = event_to_proto(event).SerializeToString()
-                    await context.write(data)
-                    sent += len(data)
-            call.answered(sent)
-        except asyncio.CancelledError:
-            if not self._draining:
-                code = "CANCELLED"  # the client went away or its deadline passed
-                raise
-            await abort(context, ServerDrainingError())
-        except grpc.aio.AbortError:
-            raise
-        except Exception as error:  # noqa: BLE001 - every error must reach the client as a status
-            call.failed(error)
-            await abort(context, error)
+            async with reported(context, call, drained=lambda: self._draining):
+                if self._draining:
+                    raise ServerDrainingError()
+                workflow = await self._checked(rpc, raw, call)
+                remaining = context.time_remaining()
+                deadline = time.monotonic() + remaining if remaining is not None else None
+                async with asyncio.timeout(remaining), aclosing(self._events(workflow, deadline)) as events:
+                    while True:
+                        with call.in_engine():
+                            event = await anext(events, None)
+                        if event is None:
+                            break
+                        data = event_to_proto(event).SerializeToString()
+                        await context.write(data)
+                        sent += len(data)
+                call.answered(sent)
         finally:
             self._tasks.discard(task)
-            call.finish(code_name(context, code))
