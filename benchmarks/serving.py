@@ -16,7 +16,6 @@ import statistics
 import threading
 import time
 
-import numpy as np
 from bench_common import (
     family_handle,
     ipi_peer,

@@ -14,7 +14,7 @@ from conftest import CHGNET_ID, ethanol_boxed, ethanol_no_cell, nacl_rattled, si
 from mlipserve_client import MLIPClient, convert
 from mlipserve_client.errors import ServiceError, ServiceInputError
 from mlipserve_client.types import ModelStatus, Property
-from mlipserve_client.v1 import models_pb2, service_pb2_grpc
+from mlipserve_client.v1 import service_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
