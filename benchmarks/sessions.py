@@ -62,46 +62,65 @@ def local_calculator(model: str):
     return MACECalculator(model_paths=f"{FIXTURE_MACE}.model", device="cpu", default_dtype="float64")
 
 
-def step_ms(atoms: Atoms, calc, steps: int, with_stress: bool) -> float:
-    """Median wall time of a VelocityVerlet step; ``with_stress`` asks the stress after the forces
-    at every step, as an NPT integrator does."""
-    atoms = atoms.copy()
-    atoms.calc = calc
-    stamps = []
+def alternating_md_ms(atoms: Atoms, first, second, steps: int, with_stress: bool) -> tuple[float, float]:
+    """Median wall time of a VelocityVerlet step with each calculator, their steps alternating so
+    that both see the same machine; ``with_stress`` asks the stress after the forces at every step,
+    as an NPT integrator does."""
+    runs = []
+    for calc in (first, second):
+        copy = atoms.copy()
+        copy.calc = calc
+        runs.append((copy, VelocityVerlet(copy, timestep=1.0 * units.fs), []))
+    for step in range(steps + 3):
+        for copy, dyn, times in runs:
+            start = time.perf_counter()
+            dyn.run(1)
+            if with_stress:
+                copy.get_stress()
+            if step >= 3:
+                times.append(time.perf_counter() - start)
+    return tuple(statistics.median(times) * 1e3 for _, _, times in runs)
 
-    def after_step():
-        if with_stress:
-            atoms.get_stress()
-        stamps.append(time.perf_counter())
 
-    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    dyn.attach(after_step, interval=1)
-    dyn.run(steps + 3)
-    return statistics.median(np.diff(stamps[3:])) * 1e3
-
-
-def backend_step_ms(model: str, atoms: Atoms, steps: int, key: str | None = None) -> float:
-    """The same backend the replica runs, in this process, one E+F+S evaluation per step; with
-    ``key``, as a session's steps (its skin neighbour list reused while atoms move 0.001 Å a step)."""
+def load_backend_for(model: str):
     from mlipserve.backends import load_backend
-    from mlipserve.backends.base import Batch
     from mlipserve.config import ServiceConfig
+
+    config = ServiceConfig.catalog().model(model) if model.startswith("chgnet") else _mace_config()
+    return load_backend(config, "cpu")
+
+
+def paired_overheads(address: str, model: str, backend, atoms: Atoms, steps: int) -> dict:
+    """Served step minus the same backend's step in this process, call by call (alternating): on a
+    session (whose steps reuse their neighbour list, as the local ones do under the same kind of
+    key) and on unary calls (fresh lists on both sides)."""
+    from mlipserve.backends.base import Batch
+    from mlipserve_client import MLIPClient
     from mlipserve_client.convert import system_from_atoms
     from mlipserve_client.types import Property
 
-    config = ServiceConfig.catalog().model(model) if model.startswith("chgnet") else _mace_config()
-    backend = load_backend(config, "cpu")
     properties = frozenset({Property.ENERGY, Property.FORCES, Property.STRESS})
-    keys = (key,) if key else ()
     atoms = atoms.copy()
-    times = []
-    for step in range(steps + 3):
-        atoms.positions += np.random.default_rng(step).normal(0, 0.001, atoms.positions.shape)
-        batch = Batch((system_from_atoms(atoms),), properties, neighbour_keys=keys)
-        start = time.perf_counter()
-        backend.compute(batch)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[3:]) * 1e3
+    rng = np.random.default_rng(3)
+    out = {}
+    with MLIPClient(address, model=model, timeout=300) as client, client.session(atoms, properties) as session:
+        for name, keys, serve in (("session", ("benchmark",), lambda: session.step(atoms.positions)),
+                                  ("unary", (), lambda: client.compute(atoms, properties))):
+            local, served = [], []
+            for step in range(steps + 5):
+                atoms.positions += rng.normal(0, 0.002, atoms.positions.shape)
+                start = time.perf_counter()
+                backend.compute(Batch((system_from_atoms(atoms),), properties, neighbour_keys=keys))
+                middle = time.perf_counter()
+                serve()
+                if step >= 5:
+                    local.append(middle - start)
+                    served.append(time.perf_counter() - middle)
+            out[f"{name}_step_ms"] = statistics.median(served) * 1e3
+            out[f"{name}_local_step_ms"] = statistics.median(local) * 1e3
+            out[f"{name}_overhead_ms"] = statistics.median(np.subtract(served, local)) * 1e3
+    out["model_time_saved_by_reuse_ms"] = out["unary_local_step_ms"] - out["session_local_step_ms"]
+    return out
 
 
 def _mace_config():
@@ -134,44 +153,33 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=2)
     args = parser.parse_args()
 
-    import torch
-
-    from frontdoor import in_process
+    from frontdoor import InProcess
     from mlipserve.config import DeploymentConfig, ServiceConfig
     from mlipserve_client import RemoteCalculator
 
-    torch.set_num_threads(args.num_cpus)
     report = {"benchmark": "sessions", "machine": machine(), "torch_threads": args.num_cpus,
               "echo_floor_ms": echo_floor_ms(200), "models": {}}
     catalog = ServiceConfig.catalog()
     models = tuple(catalog.model(m) if m.startswith("chgnet") else _mace_config() for m in args.models)
     config = ServiceConfig(models=models, deployments={
         f: DeploymentConfig(num_cpus=args.num_cpus, max_ongoing_requests=512) for f in {m.family_name for m in models}})
-    local = {m: (local_calculator(m), backend_step_ms(m, structure(m), args.steps)) for m in args.models}
-    reused = {m: backend_step_ms(m, structure(m), args.steps, key="benchmark") for m in args.models}
-    ceiling = in_process(args.num_cpus, 20)["ceiling_16_atoms_per_s"] if "chgnet-0.3.0" in args.models else None
+    chgnet = InProcess(args.num_cpus) if "chgnet-0.3.0" in args.models else None  # sets the torch threads
     with local_server(config, num_cpus=max(2, args.num_cpus * len(config.families))) as address:
         for model in args.models:
-            calc, backend_ms = local[model]
-            row = {"backend_in_process_step_ms": backend_ms,
-                   "backend_in_process_reused_list_step_ms": reused[model],
-                   "model_time_saved_by_reuse_ms": backend_ms - reused[model],
-                   "local_calculator_forces_then_stress_ms": step_ms(structure(model), calc, args.steps, True)}
-            for name, stream in (("session", True), ("unary", False)):
-                remote = RemoteCalculator(address, model, stream=stream, timeout=300)
-                row[f"{name}_forces_then_stress_ms"] = step_ms(structure(model), remote, args.steps, True)
-                row[f"{name}_round_trips_per_step"] = remote.round_trips / (args.steps + 4)
-                row[f"{name}_nve_step_ms"] = step_ms(structure(model), remote, args.steps, False)
-                # Against the same backend doing the same work: a session's steps reuse their list.
-                row[f"{name}_overhead_ms"] = row[f"{name}_nve_step_ms"] - (reused[model] if stream else backend_ms)
-                remote.close()
-            row["ratio_forces_then_stress_over_local"] = (row["session_forces_then_stress_ms"]
-                                                          / row["local_calculator_forces_then_stress_ms"])
+            backend = chgnet.backend if model.startswith("chgnet") and chgnet else load_backend_for(model)
+            row = paired_overheads(address, model, backend, structure(model), args.steps)
+            remote = RemoteCalculator(address, model, timeout=300)
+            served_ms, local_ms = alternating_md_ms(structure(model), remote, local_calculator(model), args.steps, True)
+            row.update(session_forces_then_stress_ms=served_ms, local_calculator_forces_then_stress_ms=local_ms,
+                       round_trips_per_step=remote.round_trips / (args.steps + 4),
+                       ratio_forces_then_stress_over_local=served_ms / local_ms)
+            remote.close()
             row.update(neighbour_reuse(address, model, args.nve_steps))
             report["models"][model] = row
             print(model, {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-        if ceiling:
+        if chgnet:
             served = sixteen_sessions(address, "chgnet-0.3.0", args.seconds)
+            ceiling = chgnet.ceiling_atoms_per_s(mixed_8_16(16))
             report["sixteen_sessions"] = {"atoms_per_s": served, "in_process_ceiling_atoms_per_s": ceiling,
                                           "ratio": served / ceiling}
             print("16 sessions", report["sixteen_sessions"], flush=True)
@@ -210,11 +218,9 @@ def _plot(report: dict) -> None:
     models = list(report["models"])
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
     x = np.arange(len(models))
-    for offset, key, label in ((-0.3, "local_calculator_forces_then_stress_ms", "in-process calculator"),
-                               (-0.1, "backend_in_process_step_ms", "backend in-process (E+F+S)"),
-                               (0.1, "session_forces_then_stress_ms", "served, session"),
-                               (0.3, "unary_forces_then_stress_ms", "served, unary")):
-        ax.bar(x + offset, [report["models"][m][key] for m in models], 0.2, label=label)
+    for offset, key, label in ((-0.2, "local_calculator_forces_then_stress_ms", "in-process calculator"),
+                               (0.2, "session_forces_then_stress_ms", "RemoteCalculator (session)")):
+        ax.bar(x + offset, [report["models"][m][key] for m in models], 0.4, label=label)
     ax.set_xticks(x, models)
     ax.set_ylabel("ms per forces-then-stress MD step, 64 atoms")
     ax.legend(fontsize=7)
@@ -223,7 +229,7 @@ def _plot(report: dict) -> None:
     bx.axhline(report["echo_floor_ms"], color="k", ls="--", label="bare grpcio echo")
     bx.axhline(1.0, color="r", ls=":", label="goal for sessions (1 ms)")
     bx.set_xticks(x, models)
-    bx.set_ylabel("NVE step overhead: served minus backend in-process (ms)")
+    bx.set_ylabel("step overhead: served minus backend in-process (ms)")
     bx.legend(fontsize=7)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
