@@ -101,7 +101,7 @@ def test_two_nodes_both_front_doors_serve_and_node_loss_loses_nothing(tmp_path):
         for thread in threads:
             thread.join(timeout=300)
         print(f"\nnode loss: {CLIENTS * PER_CLIENT} requests sent, {len(answered)} answered correctly "
-              f"({at_kill} before the raylet was killed), {len(wrong)} wrong, {len(lost)} lost")
+              f"({at_kill} before the node was killed), {len(wrong)} wrong, {len(lost)} lost")
         assert not lost and not wrong and len(answered) == CLIENTS * PER_CLIENT
         assert not _serving(doors[1])
 

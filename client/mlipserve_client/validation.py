@@ -12,6 +12,9 @@ MAX_ATOMIC_NUMBER = 118
 MIN_CELL_VOLUME = 1e-6
 # Per-atom charges must add up to the total charge to this precision (e).
 CHARGE_SUM_TOLERANCE = 1e-6
+# Coordinates and cell components beyond this (Å, 0.1 mm) are no atomistic system; products of
+# them (cell volumes, squared distances) would overflow float64.
+MAX_COORDINATE = 1e6
 _AXES = "abc"
 
 
@@ -37,6 +40,12 @@ def validate_system(system: System, where: str) -> None:
         raise InvalidSystemError(
             f"{where}.positions[{i}]", f"atom {i} has a non-finite position {positions[i].tolist()}"
         )
+    far_atoms = (np.abs(positions) > MAX_COORDINATE).any(axis=1)
+    if far_atoms.any():
+        i = _first(far_atoms)
+        raise InvalidSystemError(
+            f"{where}.positions[{i}]",
+            f"atom {i} is at {positions[i].tolist()} Å, beyond ±{MAX_COORDINATE:g} Å: not an atomistic system")
     if not np.isfinite(system.total_charge):
         raise InvalidSystemError(f"{where}.total_charge", f"total charge {system.total_charge} is not finite")
     electrons = int(numbers.sum())  # of the neutral system
@@ -72,6 +81,11 @@ def validate_system(system: System, where: str) -> None:
         raise InvalidSystemError(
             f"{where}.cell", f"cell vector {_AXES[row]} is not finite: {cell[row].tolist()}"
         )
+    if (np.abs(cell) > MAX_COORDINATE).any():
+        row = _first((np.abs(cell) > MAX_COORDINATE).any(axis=1))
+        raise InvalidSystemError(
+            f"{where}.cell",
+            f"cell vector {_AXES[row]} {cell[row].tolist()} Å has a component beyond ±{MAX_COORDINATE:g} Å")
     volume = abs(float(np.linalg.det(cell)))
     if periodic_axes and volume < MIN_CELL_VOLUME:
         raise InvalidSystemError(

@@ -39,6 +39,25 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def descendants(pids: list[int]) -> list[int]:
+    """Every process below ``pids`` (Ray workers rename themselves, so only parentage finds them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The field after the parenthesised name; the name itself may hold spaces.
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [], list(pids)
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found
+
+
 def _kill(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -72,9 +91,13 @@ class LocalCluster:
             self.workers.append(ip)
 
     def kill_worker(self, ip: str) -> list[int]:
-        """SIGKILL the worker node's raylet (its workers die with it): a machine gone."""
+        """SIGKILL the worker node's raylet and every process it started, at once: a machine gone.
+
+        Killing the raylet alone leaves its workers (model replicas with their front doors) serving
+        until they notice, a second or more later on a loaded machine; a lost machine does not.
+        """
         raylets = processes_of("raylet/raylet", f"--node_ip_address={ip}", f":{self.gcs_port}")
-        _kill(raylets)
+        _kill(raylets + descendants(raylets))
         return raylets
 
     def head_ip(self) -> str:
