@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import numpy as np
 from ase import Atoms
 from ase.build import bulk
 from bench_common import RESULTS, ROOT, machine, write_result
+
+from mlipserve.localcluster import terminate
 
 MODEL = "chgnet-0.3.0"
 TOKEN = "benchmark-token-0123456789"
@@ -225,11 +226,7 @@ def cli_server(argv: list[str], port: int, pythonpath: str | None = None, ready:
                 time.sleep(0.5)
             yield f"localhost:{port}"
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from ase.md.verlet import VelocityVerlet
 from conftest import CHGNET_ID, FIXTURES
 from frontdoor_harness import MACE_LOAD_WARNING, TINY_OPTIONS
 
+from mlipserve.localcluster import terminate
 from mlipserve_client import RemoteCalculator
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings(MACE_LOAD_WARNING)]
@@ -212,9 +213,4 @@ def test_md_survives_a_restart_of_the_whole_service(tmp_path):
         calc.close()
     finally:
         for proc in processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            terminate(proc)

@@ -143,8 +143,16 @@ def serving(cluster: LocalCluster, config_path: Path, port: int, log: Path, *ext
     try:
         yield proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGTERM (a graceful drain), then SIGKILL if it has not exited within ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
