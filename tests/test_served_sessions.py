@@ -186,29 +186,32 @@ def test_md_survives_a_restart_of_the_whole_service(tmp_path):
             proc = subprocess.Popen([sys.executable, "-m", "mlipserve.cli", "serve", "--config", str(config),
                                      "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
                                     cwd=tmp_path)
+        processes.append(proc)  # torn down below even if the test fails while it starts
         deadline = time.monotonic() + 240
         while "serving gRPC at" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         return proc
 
+    processes: list[subprocess.Popen] = []
     first = start("first")
-    processes = [first]
     try:
         address = f"127.0.0.1:{port}"
         undisturbed = nve(water_box(), RemoteCalculator(address, "tiny"), 60)
-        restarted = threading.Event()
+        restarter = threading.Thread(target=start, args=("second",))
 
         def restart_at(step: int) -> None:
             if step == 20:
                 first.send_signal(signal.SIGTERM)
                 assert first.wait(timeout=120) == 0
                 # The client's next step finds nothing listening, and keeps retrying meanwhile.
-                threading.Thread(target=lambda: (processes.append(start("second")), restarted.set())).start()
+                restarter.start()
 
         calc = RemoteCalculator(address, "tiny", timeout=300)
         disturbed = nve(water_box(), calc, 60, on_step=restart_at)
-        assert restarted.is_set() and calc._session.opens >= 2
+        # The new server's front door may answer before its CLI says so: wait for it to have said.
+        restarter.join(timeout=300)
+        assert len(processes) == 2 and processes[1].poll() is None and calc._session.opens >= 2
         np.testing.assert_allclose(disturbed, undisturbed, atol=1e-10, rtol=0)
         calc.close()
     finally:
